@@ -1,0 +1,52 @@
+# fedfinn — make targets. `make quick` sets everything up and runs the main
+# job; `make test` runs the test suite (what CI runs).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedfinn-installed
+
+.PHONY: install quick test bench clean-runs help
+
+help:
+	@echo "make quick     install into $(VENV) and run the small federated job on real CIFAR-10"
+	@echo "make test      install and run the test suite"
+	@echo "make bench     overhead benchmark (reduced scale, ~15 min on 2 cores)"
+
+# torch is pinned in pyproject.toml to the CPU build; a user with a GPU
+# installs their own torch into the venv first.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quick: install
+	$(BIN)/fedfinn run configs/quick.toml --overwrite
+
+test: install
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/overhead.py --out results/bench/overhead.json
+
+clean-runs:
+	rm -rf runs
+
+# --- hardware (hw/) ---
+# FINN (finn-plus 1.6.1) for the hardware flow; see docs/hardware.md.
+# finn-plus pins brevitas==0.13.0 (broken on torch 2.13), so its requirements
+# are installed explicitly from hw/requirements-finn.txt, then finn-plus itself
+# with --no-deps.
+HW_STAMP := $(VENV)/.fedfinn-hw-installed
+
+$(HW_STAMP): $(STAMP) hw/requirements-finn.txt
+	$(BIN)/python -m pip install -q -r hw/requirements-finn.txt
+	$(BIN)/python -m pip install -q --no-deps finn-plus==1.6.1
+	$(BIN)/python -c "import hw.finn_env as e; e.prepare(); import finn.builder.build_dataflow"
+	touch $(HW_STAMP)
+
+install-hw: $(HW_STAMP)
+
+.PHONY: install-hw

@@ -1,0 +1,64 @@
+"""Write one TOML per row of the poster's table (configs/paper/, configs/reduced/).
+
+The files are committed; this script documents how they were made and
+rewrites them if the rows change:  python configs/generate.py
+"""
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (file stem, [compression] keys) for each row of the poster's CIFAR-10 table
+ROWS = [("baseline", {"entropy_coding": False}), ("fp32_zstd", {})]
+ROWS += [(f"prune{p:02d}", {"prune_rate": p / 100}) for p in (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)]
+ROWS += [(f"q{b}bit", {"weight_bits": b}) for b in (8, 4, 1)]
+
+
+def toml(name: str, sections: dict) -> str:
+    lines = []
+    for section, values in sections.items():
+        if not values:
+            continue
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if isinstance(v, bool):
+                lines.append(f"{k} = {str(v).lower()}")
+            else:
+                lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write(folder: Path, header: str, stem: str, sections: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.toml").write_text(header + "\n" + toml(stem, sections))
+
+
+def main() -> None:
+    for dataset in ("cifar10", "cifar100"):
+        for epochs in (1, 10):
+            folder = HERE / "paper" / f"{dataset}_e{epochs}"
+            for stem, comp in ROWS:
+                name = f"paper_{dataset}_e{epochs}_{stem}"
+                header = (f"# Poster row '{stem}' at paper scale: {dataset}, 10 clients (LDA alpha=100), 40% per round,\n"
+                          f"# 100 rounds, {epochs} local epoch(s), lr 0.0316, batch 20. GPU-sized: see README.")
+                write(folder, header, stem, {
+                    "run": {"name": name},
+                    "data": {"dataset": dataset},
+                    "federation": {"rounds": 100, "backend": "ray"},
+                    "train": {"local_epochs": epochs},
+                    "compression": comp,
+                })
+    folder = HERE / "reduced"
+    for stem, comp in ROWS:
+        header = ("# Reduced scale (issue 2): full real CIFAR-10, 10 clients (alpha=100), 4 per round,\n"
+                  "# 5,000 images each, 1 local epoch, 5 rounds, full 10,000-image test set.")
+        write(folder, header, stem, {
+            "run": {"name": f"reduced_{stem}"},
+            "federation": {"rounds": 5, "backend": "ray"},
+            "compression": comp,
+        })
+
+
+if __name__ == "__main__":
+    main()

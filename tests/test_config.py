@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from training.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_poster_setup():
+    cfg = load_config(None)
+    assert cfg.federation.num_clients == 10 and cfg.federation.fraction_train == 0.4
+    assert cfg.federation.rounds == 100 and cfg.data.alpha == 100.0
+    assert cfg.train.lr == 0.0316 and cfg.train.batch_size == 20 and cfg.train.momentum == 0.0
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((REPO / "configs").rglob("*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = load_config(REPO / "configs/quick.toml", ["compression.weight_bits=4", "train.lr=0.01", "run.name=x"])
+    assert cfg.compression.weight_bits == 4 and cfg.train.lr == 0.01 and cfg.run.name == "x"
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("compression.weight_bits=3", "compression.weight_bits"),
+    ("compression.prune_rate=1.0", "compression.prune_rate"),
+    ("compression.prune_rate=-0.1", "compression.prune_rate"),
+    ("train.lr=0", "train.lr"),
+    ("train.nonsense=1", "train.nonsense"),
+    ("federation.backend=gpu", "federation.backend"),
+    ("federation.fraction_train=0", "federation.fraction_train"),
+    ("data.dataset=mnist", "data.dataset"),
+    ("model.name=vgg", "model.name"),
+    ("train.batch_size=2.5", "train.batch_size"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_section_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[trian]\nlr = 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")

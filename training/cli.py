@@ -1,0 +1,75 @@
+"""The ``fedfinn`` command.
+
+    fedfinn run CONFIG.toml [--set section.key=value ...] [--overwrite]
+    fedfinn report RUN_DIR... [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .report import markdown_table, plot_run, summarize
+    from .runner import run
+
+    cfg = load_config(args.config, args.set)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    plot_run(run_dir)
+    print(markdown_table([summarize(run_dir)]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import markdown_table, summarize, write_report
+
+    paths = write_report(args.runs, args.out)
+    print(markdown_table([summarize(r) for r in args.runs]))
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfinn", description="Federated learning with compressed messages, on to FPGA boards.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one federated experiment from a TOML config")
+    r.add_argument("config", help="path to configs/<experiment>.toml")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    r.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_run)
+
+    rep = sub.add_parser("report", help="table and plots of finished runs")
+    rep.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
+    rep.add_argument("--out", default="results/report", help="output folder")
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"fedfinn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedfinn: interrupted; finished rounds are in the run folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Run configuration: one TOML file per experiment, overridable from the CLI.
+
+A config has sections; every key has a default here, so a TOML file only
+states what differs. ``--set section.key=value`` overrides one key (the value
+is read as TOML, so ``--set train.lr=0.01``, ``--set run.name="x"``; a bare
+word that is not valid TOML is taken as a string). Unknown sections or keys
+and invalid values stop the run with a ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .models import check_model_name
+from .models.quant import SUPPORTED_WEIGHT_BITS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # cifar10 | cifar100
+    data_dir: str = ""  # "" = look-up order of training.data.load_cifar
+    alpha: float = 100.0  # LDA concentration: 100 ~ iid, 0.1 very skewed
+    seed: int = 0  # seed of the split
+    images_per_client: int = 0  # 0 = the client's whole share; else the first n of it
+    test_images: int = 0  # 0 = the whole test set; else the first n
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 10
+    fraction_train: float = 0.4  # clients sampled per round
+    rounds: int = 100
+    seed: int = 0  # client sampling and model init
+    backend: str = "inprocess"  # inprocess (no Ray, clients one after another) | ray (Flower simulation engine)
+    threads_per_client: int = 1  # torch threads per client in the ray backend
+    parallel_clients: int = 0  # ray backend: clients trained at once (0 = one per core)
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int = 1
+    lr: float = 0.0316
+    batch_size: int = 20
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet12"
+
+
+@dataclass
+class CompressionConfig:
+    weight_bits: int = 32  # 32 (float), 8, 4, 1 (study model)
+    prune_rate: float = 0.0  # fraction of conv/linear weights zeroed, in [0, 1)
+    prune_scope: str = "global"  # global threshold | layer (per-layer threshold)
+    downlink: str = "same"  # same: the server compresses the global model like the clients | fp32
+    entropy_coding: bool = True  # zstd over the message; false = the poster's uncompressed baseline
+    zstd_level: int = 3
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    out_dir: str = "runs"
+    checkpoint_every: int = 1  # rounds between checkpoints (the last round is always saved)
+    eval_batch_size: int = 500
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_toml(self) -> str:
+        return dict_to_toml(self.to_dict())
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+def _section_types() -> dict[str, type]:
+    return {f.name: f.default_factory().__class__ for f in fields(RunConfig)}
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from nested dicts (as TOML gives)."""
+    sections = _section_types()
+    built = {}
+    for section, cls in sections.items():
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table, got {values!r}")
+        known = {f.name: f for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"unknown key '{section}.{key}' (known: {', '.join(known)})")
+        obj = cls()
+        for key, value in values.items():
+            setattr(obj, key, _coerce(f"{section}.{key}", getattr(obj, key), value))
+        built[section] = obj
+    for section in raw:
+        if section not in sections:
+            raise ConfigError(f"unknown section '{section}' (known: {', '.join(sections)})")
+    cfg = RunConfig(**built)
+    validate(cfg)
+    return cfg
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    """Check the type of ``value`` against the default's; ints are accepted as floats."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"'{key}' must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {message}")
+
+
+def validate(cfg: RunConfig) -> None:
+    d, f, t, c, r = cfg.data, cfg.federation, cfg.train, cfg.compression, cfg.run
+    _check(d.dataset in ("cifar10", "cifar100"), "data.dataset", f"must be cifar10 or cifar100, got {d.dataset!r}")
+    _check(d.alpha > 0, "data.alpha", f"must be > 0, got {d.alpha}")
+    _check(d.images_per_client >= 0, "data.images_per_client", "must be >= 0")
+    _check(d.test_images >= 0, "data.test_images", "must be >= 0")
+    _check(f.num_clients >= 1, "federation.num_clients", "must be >= 1")
+    _check(0 < f.fraction_train <= 1, "federation.fraction_train", f"must be in (0, 1], got {f.fraction_train}")
+    _check(f.rounds >= 1, "federation.rounds", "must be >= 1")
+    _check(f.backend in ("inprocess", "ray"), "federation.backend", f"must be inprocess or ray, got {f.backend!r}")
+    _check(f.threads_per_client >= 1, "federation.threads_per_client", "must be >= 1")
+    _check(f.parallel_clients >= 0, "federation.parallel_clients", "must be >= 0")
+    _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    _check(t.lr > 0, "train.lr", "must be > 0")
+    _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
+    _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    try:
+        check_model_name(cfg.model.name)
+    except ValueError as err:
+        raise ConfigError(f"'model.name' {err}") from None
+    _check(c.weight_bits in SUPPORTED_WEIGHT_BITS, "compression.weight_bits",
+           f"must be one of {', '.join(map(str, SUPPORTED_WEIGHT_BITS))}, got {c.weight_bits}")
+    _check(0 <= c.prune_rate < 1, "compression.prune_rate", f"must be in [0, 1), got {c.prune_rate}")
+    _check(c.prune_scope in ("global", "layer"), "compression.prune_scope", "must be global or layer")
+    _check(c.downlink in ("same", "fp32"), "compression.downlink", f"must be same or fp32, got {c.downlink!r}")
+    _check(1 <= c.zstd_level <= 22, "compression.zstd_level", "must be in 1..22")
+    _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain folder name")
+    _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
+    _check(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key {key!r} must look like section.key")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word, e.g. run.name=foo
+    return path, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table")
+        raw[section][key] = value
+    return from_dict(raw)
+
+
+def dict_to_toml(d: dict[str, dict[str, Any]]) -> str:
+    """Write the two-level config dict as TOML (the subset this config uses)."""
+    lines = []
+    for section, values in d.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")

@@ -1,0 +1,178 @@
+"""The server's strategy: Flower's FedAvg, with compressed messages.
+
+What travels in the ``arrays`` record is one codec message (training.codec),
+not a list of float arrays, so FedAvg's hooks are overridden where they touch
+the payload:
+
+* ``configure_train`` samples ``fraction_train`` of the clients with a seeded
+  generator (reproducible runs) and sends each the downlink message;
+* ``aggregate_train`` decodes every reply, drops and logs bad ones (client
+  errors, malformed messages, wrong shapes, NaN/Inf, bad example counts),
+  averages the rest weighted by examples, prunes the global model at the
+  run's rate and re-encodes it for the downlink (quantized like the clients,
+  or fp32 when ``compression.downlink = "fp32"``);
+* ``evaluate_fn`` evaluates that downlink model on the test set and writes the
+  round's JSON line, checkpoint and progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from . import codec
+from .compress import decode_for, load_values, model_to_message
+from .config import RunConfig
+from .pruning import prune_, sparsity
+from .task import make_model, pack, unpack
+
+log = logging.getLogger("fedfinn.server")
+
+MAX_EXAMPLES = 10_000_000  # a reply claiming more examples than this is refused
+
+
+@dataclass
+class RoundStats:
+    """Everything measured in one round; becomes one JSON line."""
+
+    round: int
+    started: float = field(default_factory=time.perf_counter)
+    sampled: list[int] = field(default_factory=list)
+    clients: list[int] = field(default_factory=list)  # partition ids of accepted replies
+    rejected: list[dict] = field(default_factory=list)
+    bytes_up: list[int] = field(default_factory=list)
+    bytes_down: int = 0
+    train_loss: float = math.nan
+    train_accuracy: float = math.nan
+    sparsity: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)
+
+
+class CompressedFedAvg(FedAvg):
+    def __init__(self, cfg: RunConfig, on_round_end: Callable[[RoundStats, float, float], None] | None = None):
+        super().__init__(fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
+                         min_train_nodes=1, min_available_nodes=1)
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.federation.seed)
+        self.server_model = make_model(cfg)
+        self.template = make_model(cfg)  # decodes replies; its shapes are the contract
+        self.on_round_end = on_round_end
+        self.current: RoundStats | None = None
+        self.last_down: bytes = b""
+
+    # --- downlink ---------------------------------------------------------------
+    def downlink_message(self, model: torch.nn.Module) -> bytes:
+        """Prune the global model at the run's rate and encode it for the clients."""
+        c = self.cfg.compression
+        masks = prune_(model, c.prune_rate, c.prune_scope) if c.prune_rate else None
+        blob = model_to_message(model, masks, level=c.zstd_level, quantize=c.downlink == "same", entropy=c.entropy_coding)
+        self.last_down = blob
+        return blob
+
+    def initial_arrays(self) -> ArrayRecord:
+        return pack(self.downlink_message(self.server_model))
+
+    # --- train ------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        node_ids = sorted(grid.get_node_ids())
+        k = max(1, int(len(node_ids) * self.cfg.federation.fraction_train + 1e-9))
+        chosen = [int(n) for n in self.rng.choice(node_ids, size=min(k, len(node_ids)), replace=False)]
+        self.current = RoundStats(server_round, sampled=chosen, bytes_down=len(self.last_down))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, chosen, MessageType.TRAIN)
+
+    def _check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict]:
+        """Decoded values and metrics of a good reply; raises ValueError with the reason otherwise."""
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        content = msg.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            raise ValueError("reply lacks 'arrays' or 'metrics'")
+        metrics = dict(content.metric_records["metrics"])
+        n = metrics.get("num-examples")
+        if not isinstance(n, int) or not 0 < n <= MAX_EXAMPLES:
+            raise ValueError(f"bad num-examples {n!r}")
+        blob = unpack(content.array_records["arrays"])
+        try:
+            values = decode_for(self.template, blob)
+        except codec.CodecError as err:
+            raise ValueError(f"malformed message: {err}") from None
+        metrics["bytes-up"] = len(blob)  # measured here, not trusted from the client
+        return values, metrics
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.current or RoundStats(server_round)
+        t0 = time.perf_counter()
+        accepted: list[tuple[dict[str, np.ndarray], dict]] = []
+        for msg in replies:
+            try:
+                accepted.append(self._check_reply(msg))
+            except Exception as err:  # a bad reply never stops the round
+                node = msg.metadata.src_node_id
+                log.warning("round %d: reply from node %s rejected: %s", server_round, node, err)
+                stats.rejected.append({"node": int(node), "reason": str(err)[:300]})
+        stats.times["server_decode"] = time.perf_counter() - t0
+        if not accepted:
+            log.warning("round %d: no valid reply; the global model stays as it was", server_round)
+            return None, None
+
+        t1 = time.perf_counter()
+        averaged = weighted_average([v for v, _ in accepted], [m["num-examples"] for _, m in accepted])
+        load_values(self.server_model, averaged)
+        stats.times["aggregate"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        down = self.downlink_message(self.server_model)
+        stats.times["server_encode"] = time.perf_counter() - t2
+
+        metrics = [m for _, m in accepted]
+        weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
+        stats.clients = [int(m.get("partition-id", -1)) for m in metrics]
+        stats.bytes_up = [int(m["bytes-up"]) for m in metrics]
+        stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
+        stats.train_accuracy = float(np.average([m["train-accuracy"] for m in metrics], weights=weights))
+        for key in ("train-seconds", "encode-seconds", "decode-seconds"):
+            values = [float(m[key]) for m in metrics]
+            stats.times["client_" + key.split("-")[0] + "_sum"] = sum(values)
+            stats.times["client_" + key.split("-")[0] + "_max"] = max(values)
+        agg = MetricRecord({"train-loss": stats.train_loss, "train-accuracy": stats.train_accuracy})
+        return pack(down), agg
+
+    def evaluate_fn(self, evaluate: Callable[[torch.nn.Module], tuple[float, float]]):
+        """The ``evaluate_fn`` for ``Strategy.start``: test the downlink model, close the round."""
+
+        def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return None  # the untrained model: not worth a test pass
+            stats = self.current or RoundStats(server_round)
+            t0 = time.perf_counter()
+            model = make_model(self.cfg)
+            load_values(model, decode_for(model, unpack(arrays)))
+            loss, acc = evaluate(model)
+            stats.times["evaluate"] = time.perf_counter() - t0
+            stats.times["round"] = time.perf_counter() - stats.started
+            stats.sparsity = sparsity(model)
+            if self.on_round_end:
+                self.on_round_end(stats, acc, loss)
+            return MetricRecord({"test-accuracy": acc, "test-loss": loss})
+
+        return fn
+
+
+def weighted_average(values: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
+    """FedAvg: the example-weighted mean of every tensor (accumulated in float64)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return {
+        name: sum(wi * v[name].astype(np.float64) for wi, v in zip(w, values)).astype(np.float32)
+        for name in values[0]
+    }

@@ -1,0 +1,100 @@
+"""What the ClientApp and the ServerApp share: config on the wire, data, model.
+
+The server sends the whole resolved run config with every message (a TOML
+string in the ConfigRecord, ~1 KB), so a ClientApp needs nothing but its
+partition id from its node config: the same app runs in-process, under
+Flower's simulation engine and on a SuperNode.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from . import data as data_mod
+from .config import RunConfig, from_dict
+from .models import build_model
+
+WIRE_STYPE = "fedfinn-codec"  # stype of the single uint8 Array that carries a codec message
+CONFIG_KEY = "fedfinn-config"
+
+
+# --- config on the wire ---------------------------------------------------------
+
+def config_record(cfg: RunConfig) -> ConfigRecord:
+    return ConfigRecord({CONFIG_KEY: cfg.to_toml()})
+
+
+def config_from_record(record: ConfigRecord) -> RunConfig:
+    return from_dict(tomllib.loads(str(record[CONFIG_KEY])))
+
+
+# --- codec bytes inside Flower records -------------------------------------------
+
+def pack(blob: bytes) -> ArrayRecord:
+    return ArrayRecord({"message": Array(dtype="uint8", shape=(len(blob),), stype=WIRE_STYPE, data=blob)})
+
+
+def unpack(record: ArrayRecord) -> bytes:
+    if list(record.keys()) != ["message"]:
+        raise ValueError(f"expected one array named 'message', got {list(record.keys())}")
+    array = record["message"]
+    if array.stype != WIRE_STYPE or array.dtype != "uint8":
+        raise ValueError(f"expected a {WIRE_STYPE} uint8 array, got stype={array.stype!r} dtype={array.dtype!r}")
+    return bytes(array.data)
+
+
+# --- data ----------------------------------------------------------------------
+
+@lru_cache(maxsize=2)
+def _dataset(dataset: str, data_dir: str) -> data_mod.CifarData:
+    return data_mod.load_cifar(dataset, data_dir or None)
+
+
+def dataset(cfg: RunConfig) -> data_mod.CifarData:
+    return _dataset(cfg.data.dataset, cfg.data.data_dir)
+
+
+@lru_cache(maxsize=4)
+def _split(dataset_key: tuple, num_clients: int, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
+    labels = _dataset(*dataset_key).train_y
+    return tuple(data_mod.lda_split(labels, num_clients, alpha, seed))
+
+
+def client_data(cfg: RunConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training images and labels of one client (its LDA share)."""
+    if not 0 <= partition_id < cfg.federation.num_clients:
+        raise ValueError(f"partition id {partition_id} outside 0..{cfg.federation.num_clients - 1}")
+    d = dataset(cfg)
+    parts = _split((cfg.data.dataset, cfg.data.data_dir), cfg.federation.num_clients, cfg.data.alpha, cfg.data.seed)
+    idx = parts[partition_id]
+    if cfg.data.images_per_client:
+        idx = idx[: cfg.data.images_per_client]
+    return d.train_x[idx], d.train_y[idx]
+
+
+def test_data(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    d = dataset(cfg)
+    n = cfg.data.test_images or len(d.test_y)
+    return d.test_x[:n], d.test_y[:n]
+
+
+# --- model ---------------------------------------------------------------------
+
+def num_classes(cfg: RunConfig) -> int:
+    return 100 if cfg.data.dataset == "cifar100" else 10
+
+
+def make_model(cfg: RunConfig, seed: int | None = None) -> torch.nn.Module:
+    """A fresh model of the run; seeded so every process builds the same init."""
+    torch.manual_seed(cfg.federation.seed if seed is None else seed)
+    return build_model(cfg.model.name, num_classes(cfg), cfg.compression.weight_bits)
+
+
+def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
+    """Distinct, reproducible shuffling/augmentation seed per client and round."""
+    return (cfg.federation.seed * 1_000_003 + server_round * 1009 + partition_id) % 2**31
