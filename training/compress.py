@@ -22,7 +22,8 @@ def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     """State-dict weight name -> Brevitas layer whose weight is quantized."""
     out = {}
     for name, module in model.named_modules():
-        if hasattr(module, "quant_weight") and getattr(module, "is_weight_quant_enabled", False):
+        proxy = getattr(module, "weight_quant", None)
+        if hasattr(module, "quant_weight") and getattr(proxy, "is_quant_enabled", False):
             out[f"{name}.weight"] = module
     return out
 

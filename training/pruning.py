@@ -50,7 +50,7 @@ def prune_(model: nn.Module, rate: float, scope: str = "global") -> dict[str, to
     for name, w in weights.items():
         t = thresholds[name]
         mask = torch.ones_like(w, dtype=torch.bool) if t is None else w.abs() > t
-        w.mul_(mask)
+        w.masked_fill_(~mask, 0.0)  # +0.0: a product would leave -0.0, which the codec must keep
         masks[name] = mask
     return masks
 

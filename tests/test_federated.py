@@ -1,0 +1,123 @@
+"""End to end: the in-process federation on real CIFAR-10, tiny scale."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Error, Message, MetricRecord, RecordDict
+
+from training import codec
+from training.compress import decode_for, model_to_message
+from training.config import load_config
+from training.recorder import RunExistsError, read_metrics
+from training.runner import run
+from training.strategy import CompressedFedAvg, weighted_average
+from training.task import make_model, pack
+
+TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_clients=5",
+        "federation.rounds=2", "federation.backend=\"inprocess\""]
+
+
+def tiny(tmp_path, name, *extra):
+    return load_config(None, [*TINY, f"run.out_dir=\"{tmp_path}\"", f"run.name=\"{name}\"", *extra])
+
+
+@pytest.mark.parametrize("extra", [[], ["compression.weight_bits=4"], ["compression.prune_rate=0.9"]])
+def test_tiny_run_writes_everything(tmp_path, cifar10, extra):
+    cfg = tiny(tmp_path, "t", *extra)
+    run_dir = run(cfg, progress=False)
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 <= r["test_accuracy"] <= 1
+        assert len(r["clients"]) == 2  # 40% of 5
+        assert len(r["bytes_up"]) == 2 and all(b > 0 for b in r["bytes_up"])
+        assert r["rejected"] == []
+        assert {"round", "evaluate", "aggregate", "client_train_sum"} <= set(r["seconds"])
+    assert (run_dir / "config.toml").exists()
+    assert load_config(run_dir / "config.toml") == cfg
+    # the last checkpoint is the global model exactly as sent, and decodes for the model
+    blob = (run_dir / "checkpoints" / "round_002.ffnc").read_bytes()
+    decode_for(make_model(cfg), blob)
+    if cfg.compression.prune_rate:
+        assert abs(rows[-1]["sparsity"] - 0.9) < 0.01
+    with pytest.raises(RunExistsError):
+        run(cfg, progress=False)
+
+
+def test_same_seed_same_run(tmp_path, cifar10):
+    a = read_metrics(run(tiny(tmp_path, "a", "federation.rounds=1"), progress=False))
+    b = read_metrics(run(tiny(tmp_path, "b", "federation.rounds=1"), progress=False))
+    assert a[0]["test_accuracy"] == b[0]["test_accuracy"]
+    assert a[0]["clients"] == b[0]["clients"] and a[0]["bytes_up"] == b[0]["bytes_up"]
+
+
+def _reply(to: Message, blob: bytes, n=10, **metrics) -> Message:
+    m = {"num-examples": n, "partition-id": 0, "train-loss": 1.0, "train-accuracy": 0.5, "train-seconds": 0.1,
+         "decode-seconds": 0.0, "encode-seconds": 0.0, "bytes-up": len(blob), "bytes-down": 0, **metrics}
+    return Message(RecordDict({"arrays": pack(blob), "metrics": MetricRecord(m)}), reply_to=to)
+
+
+def test_bad_replies_are_dropped_and_logged(tmp_path, cifar10):
+    from training.runner import InProcessGrid
+
+    cfg = tiny(tmp_path, "s")
+    strategy = CompressedFedAvg(cfg)
+    grid = InProcessGrid(client_app=None, num_nodes=5)
+    arrays = strategy.initial_arrays()
+    msgs = list(strategy.configure_train(1, arrays, __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(), grid))
+    for m in msgs:
+        m.metadata.__dict__["_message_id"] = f"id{m.metadata.dst_node_id}"
+    good_model = make_model(cfg)
+    good = model_to_message(good_model)
+    nan_model = make_model(cfg)
+    with torch.no_grad():
+        nan_model.head.bias[0] = float("nan")
+    state = {k: v.numpy() for k, v in good_model.state_dict().items()}
+    state["head.bias"] = np.zeros(11, np.float32)  # wrong shape
+    replies = [
+        _reply(msgs[0], good),
+        _reply(msgs[0], good[:-7]),  # truncated
+        _reply(msgs[0], codec.encode(state)),  # wrong shape
+        _reply(msgs[0], good, n=0),  # no examples
+        Message(Error(code=0, reason="boom"), reply_to=msgs[0]),
+    ]
+    with pytest.raises(ValueError):
+        model_to_message(nan_model)  # the codec refuses to send NaN at all
+    down, metrics = strategy.aggregate_train(1, replies)
+    assert down is not None
+    reasons = [r["reason"] for r in strategy.current.rejected]
+    assert len(reasons) == 4
+    assert any("truncated" in r.lower() or "malformed" in r for r in reasons)
+    assert any("shape" in r for r in reasons)
+    assert any("num-examples" in r for r in reasons)
+    assert any("boom" in r for r in reasons)
+    assert strategy.current.bytes_up == [len(good)]
+
+
+def test_weighted_average_is_fedavg():
+    a = {"w": np.array([0.0, 2.0], np.float32)}
+    b = {"w": np.array([4.0, 2.0], np.float32)}
+    np.testing.assert_array_equal(weighted_average([a, b], [3, 1])["w"], [1.0, 2.0])
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["run", "configs/quick.toml", "--set", "compression.weight_bits=3"]) == 2
+    assert "compression.weight_bits" in capsys.readouterr().err
+
+
+def test_cli_run_and_report(tmp_path, cifar10, capsys):
+    from training.cli import main
+
+    args = ["run", "configs/quick.toml", "--quiet", *sum((["--set", s] for s in
+            [*TINY, "federation.rounds=1", f"run.out_dir=\"{tmp_path}\"", "run.name=\"c\""]), [])]
+    assert main(args) == 0
+    assert (tmp_path / "c" / "accuracy.png").exists()
+    assert main(["report", str(tmp_path / "c"), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "| technique |" in out
+    for f in ("table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_size.png"):
+        assert (tmp_path / "rep" / f).exists()
