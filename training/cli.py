@@ -17,6 +17,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run
 
     cfg = load_config(args.config, args.set)
+    if args.skip_done and _finished(cfg):
+        print(f"{cfg.run_dir}: all {cfg.federation.rounds} rounds done; skipped")
+        return 0
     if args.threads:
         import torch
 
@@ -26,6 +29,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(markdown_table([summarize(run_dir)]))
     print(f"run folder: {run_dir}")
     return 0
+
+
+def _finished(cfg) -> bool:
+    from .recorder import read_metrics
+
+    rows = read_metrics(cfg.run_dir)
+    return bool(rows) and rows[-1]["round"] == cfg.federation.rounds
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -46,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="path to configs/<experiment>.toml")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    r.add_argument("--skip-done", action="store_true", help="do nothing if this run already finished all its rounds")
     r.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)

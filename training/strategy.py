@@ -85,7 +85,9 @@ class CompressedFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         node_ids = sorted(grid.get_node_ids())
         k = max(1, int(len(node_ids) * self.cfg.federation.fraction_train + 1e-9))
-        chosen = [int(n) for n in self.rng.choice(node_ids, size=min(k, len(node_ids)), replace=False)]
+        # choose positions, not ids: node ids are uint64 and numpy would turn them into floats
+        picks = self.rng.choice(len(node_ids), size=min(k, len(node_ids)), replace=False)
+        chosen = [node_ids[int(i)] for i in picks]
         self.current = RoundStats(server_round, sampled=chosen, bytes_down=len(self.last_down))
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
