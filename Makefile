@@ -22,8 +22,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job: four of the poster's techniques at a tiny scale on the real
+# CIFAR-10 (configs/quick.toml), then the poster's table for them.
+QUICK_ROWS := fp32:compression.entropy_coding=false q8:compression.weight_bits=8 \
+              q4:compression.weight_bits=4 prune90:compression.prune_rate=0.9
 quick: install
-	$(BIN)/fedfinn run configs/quick.toml --overwrite
+	@for row in $(QUICK_ROWS); do name=$${row%%:*}; set=$${row#*:}; \
+	  $(BIN)/fedfinn run configs/quick.toml --overwrite --set run.name=quick_$$name --set $$set > /dev/null || exit 1; \
+	  echo "quick_$$name done"; done
+	$(BIN)/fedfinn report $(foreach r,$(QUICK_ROWS),runs/quick_$(firstword $(subst :, ,$(r)))) --out results/quick
 
 test: install
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q

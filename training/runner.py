@@ -115,6 +115,7 @@ def run_ray(cfg: RunConfig, progress: bool = True) -> Path:
             failure.append(err)
             raise
 
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: silence Ray's tip
     f = cfg.federation
     cores = os.cpu_count() or 1
     parallel = f.parallel_clients or max(1, cores // f.threads_per_client)

@@ -59,8 +59,14 @@ class RoundStats:
 
 class CompressedFedAvg(FedAvg):
     def __init__(self, cfg: RunConfig, on_round_end: Callable[[RoundStats, float, float], None] | None = None):
-        super().__init__(fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
-                         min_train_nodes=1, min_available_nodes=1)
+        flwr_logger = logging.getLogger("flwr")
+        level = flwr_logger.level
+        flwr_logger.setLevel(logging.ERROR)  # FedAvg warns that federated evaluation is off: it is, on purpose
+        try:
+            super().__init__(fraction_train=cfg.federation.fraction_train, fraction_evaluate=0.0,
+                             min_train_nodes=1, min_available_nodes=1)
+        finally:
+            flwr_logger.setLevel(level)
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.federation.seed)
         self.server_model = make_model(cfg)
