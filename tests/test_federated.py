@@ -121,3 +121,28 @@ def test_cli_run_and_report(tmp_path, cifar10, capsys):
     assert "| technique |" in out
     for f in ("table.md", "table.csv", "accuracy_vs_round.png", "accuracy_vs_size.png"):
         assert (tmp_path / "rep" / f).exists()
+
+
+def test_resume_continues_bit_for_bit(tmp_path, cifar10, monkeypatch):
+    from training import strategy as strategy_mod
+
+    full = run(tiny(tmp_path, "full", "federation.rounds=3"), progress=False)
+    cfg = tiny(tmp_path, "cut", "federation.rounds=3")
+    original = strategy_mod.CompressedFedAvg.aggregate_train
+
+    def crash_in_round_3(self, server_round, replies):
+        if server_round == 3:
+            raise KeyboardInterrupt  # the server dies in the middle of round 3
+        return original(self, server_round, replies)
+
+    monkeypatch.setattr(strategy_mod.CompressedFedAvg, "aggregate_train", crash_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    assert [r["round"] for r in read_metrics(cfg.run_dir)] == [1, 2]
+    monkeypatch.setattr(strategy_mod.CompressedFedAvg, "aggregate_train", original)
+    run(cfg, progress=False, resume=True)
+    cut_rows, full_rows = read_metrics(cfg.run_dir), read_metrics(full)
+    assert [r["round"] for r in cut_rows] == [1, 2, 3]
+    assert [r["clients"] for r in cut_rows] == [r["clients"] for r in full_rows]
+    assert (cfg.run_dir / "checkpoints/round_003.ffnc").read_bytes() == (full / "checkpoints/round_003.ffnc").read_bytes()
+    assert cut_rows[-1]["test_accuracy"] == full_rows[-1]["test_accuracy"]

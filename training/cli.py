@@ -24,7 +24,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite)
+    run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
     plot_run(run_dir)
     print(markdown_table([summarize(run_dir)]))
     print(f"run folder: {run_dir}")
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="path to configs/<experiment>.toml")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    r.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     r.add_argument("--skip-done", action="store_true", help="do nothing if this run already finished all its rounds")
     r.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,11 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .recorder import RunExistsError
 
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, RunExistsError, FileNotFoundError, ValueError) as err:
         print(f"fedfinn: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

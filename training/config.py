@@ -42,6 +42,7 @@ class FederationConfig:
     backend: str = "inprocess"  # inprocess (no Ray, clients one after another) | ray (Flower simulation engine)
     threads_per_client: int = 1  # torch threads per client in the ray backend
     parallel_clients: int = 0  # ray backend: clients trained at once (0 = one per core)
+    round_timeout: float = 0.0  # seconds to wait for replies per round (0 = wait for all)
 
 
 @dataclass
@@ -157,6 +158,7 @@ def validate(cfg: RunConfig) -> None:
     _check(f.backend in ("inprocess", "ray"), "federation.backend", f"must be inprocess or ray, got {f.backend!r}")
     _check(f.threads_per_client >= 1, "federation.threads_per_client", "must be >= 1")
     _check(f.parallel_clients >= 0, "federation.parallel_clients", "must be >= 0")
+    _check(f.round_timeout >= 0, "federation.round_timeout", "must be >= 0 (0 = no timeout)")
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -24,9 +24,16 @@ class RunExistsError(RuntimeError):
     pass
 
 
-def prepare_run_dir(cfg: RunConfig, overwrite: bool = False) -> Path:
+def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, resume: bool = False) -> Path:
     run_dir = cfg.run_dir
     metrics = run_dir / "metrics.jsonl"
+    if resume:
+        saved = run_dir / "config.toml"
+        if not saved.exists():
+            raise RunExistsError(f"nothing to resume: {saved} does not exist")
+        if saved.read_text() != cfg.to_toml():
+            raise RunExistsError(f"cannot resume {run_dir}: its config.toml differs from the config given")
+        return run_dir
     if metrics.exists() and metrics.stat().st_size and not overwrite:
         raise RunExistsError(f"{run_dir} already holds a run; pick another run.name or pass --overwrite")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)

@@ -89,15 +89,15 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_inprocess(cfg: RunConfig, progress: bool = True) -> Path:
+def run_inprocess(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
     from .client_app import app as client_app
     from .server_app import serve
 
     grid = InProcessGrid(client_app, cfg.federation.num_clients)
-    return serve(grid, cfg, progress=progress)
+    return serve(grid, cfg, progress=progress, resume=resume)
 
 
-def run_ray(cfg: RunConfig, progress: bool = True) -> Path:
+def run_ray(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -110,7 +110,7 @@ def run_ray(cfg: RunConfig, progress: bool = True) -> Path:
     @server_app.main()
     def _main(grid, context):  # the simulation engine runs this in a thread of this process
         try:
-            serve(grid, cfg, progress=progress)
+            serve(grid, cfg, progress=progress, resume=resume)
         except BaseException as err:
             failure.append(err)
             raise
@@ -130,11 +130,14 @@ def run_ray(cfg: RunConfig, progress: bool = True) -> Path:
     return cfg.run_dir
 
 
-def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> Path:
-    """Run ``cfg`` with its backend; everything lands in ``runs/<name>/``."""
-    prepare_run_dir(cfg, overwrite=overwrite)
+def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False, resume: bool = False) -> Path:
+    """Run ``cfg`` with its backend; everything lands in ``runs/<name>/``.
+
+    ``resume`` continues a stopped run from its last checkpoint.
+    """
+    prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     for name in ("flwr", "flwr.common"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if cfg.federation.backend == "ray":
-        return run_ray(cfg, progress)
-    return run_inprocess(cfg, progress)
+        return run_ray(cfg, progress, resume)
+    return run_inprocess(cfg, progress, resume)

@@ -87,13 +87,23 @@ class CompressedFedAvg(FedAvg):
     def initial_arrays(self) -> ArrayRecord:
         return pack(self.downlink_message(self.server_model))
 
+    def restore(self, blob: bytes, rounds_done: int) -> None:
+        """Continue after ``rounds_done`` rounds from the global model ``blob`` (a checkpoint)."""
+        load_values(self.server_model, decode_for(self.server_model, blob))
+        self.last_down = blob
+        self.rng = np.random.default_rng(self.cfg.federation.seed)
+        for _ in range(rounds_done):  # replay the sampling so round r samples as in an uninterrupted run
+            self._sample_positions(self.cfg.federation.num_clients)
+
+    def _sample_positions(self, n: int) -> list[int]:
+        k = max(1, int(n * self.cfg.federation.fraction_train + 1e-9))
+        # positions, not node ids: ids are uint64 and numpy would turn them into floats
+        return [int(i) for i in self.rng.choice(n, size=min(k, n), replace=False)]
+
     # --- train ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         node_ids = sorted(grid.get_node_ids())
-        k = max(1, int(len(node_ids) * self.cfg.federation.fraction_train + 1e-9))
-        # choose positions, not ids: node ids are uint64 and numpy would turn them into floats
-        picks = self.rng.choice(len(node_ids), size=min(k, len(node_ids)), replace=False)
-        chosen = [node_ids[int(i)] for i in picks]
+        chosen = [node_ids[i] for i in self._sample_positions(len(node_ids))]
         self.current = RoundStats(server_round, sampled=chosen, bytes_down=len(self.last_down))
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
