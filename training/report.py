@@ -118,6 +118,9 @@ def plot_curves(summaries: list[RunSummary], path: Path) -> None:
     for s in summaries:
         rounds, acc = zip(*s.curve)
         ax.plot(rounds, [100 * a for a in acc], marker="o" if len(rounds) < 20 else None, label=s.technique)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
