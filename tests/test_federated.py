@@ -146,3 +146,19 @@ def test_resume_continues_bit_for_bit(tmp_path, cifar10, monkeypatch):
     assert [r["clients"] for r in cut_rows] == [r["clients"] for r in full_rows]
     assert (cfg.run_dir / "checkpoints/round_003.ffnc").read_bytes() == (full / "checkpoints/round_003.ffnc").read_bytes()
     assert cut_rows[-1]["test_accuracy"] == full_rows[-1]["test_accuracy"]
+
+
+def test_fp32_downlink_sends_floats(tmp_path, cifar10):
+    rows = read_metrics(run(tiny(tmp_path, "d", "federation.rounds=1", "compression.weight_bits=4",
+                                 "compression.downlink=\"fp32\""), progress=False))
+    assert rows[0]["bytes_down"] > 4 * max(rows[0]["bytes_up"])  # 4-bit codes up, fp32 down
+
+
+def test_ray_simulation_backend(tmp_path, cifar10):
+    """Flower's simulation engine runs the same apps and writes the same records."""
+    cfg = tiny(tmp_path, "ray", "federation.rounds=1", "federation.backend=\"ray\"", "compression.weight_bits=8")
+    rows = read_metrics(run(cfg, progress=False))
+    ref = read_metrics(run(tiny(tmp_path, "inproc", "federation.rounds=1", "compression.weight_bits=8"), progress=False))
+    assert len(rows[0]["clients"]) == 2
+    assert len(rows[0]["bytes_up"]) == 2 and rows[0]["rejected"] == []
+    assert abs(rows[0]["mib_up_mean"] - ref[0]["mib_up_mean"]) / ref[0]["mib_up_mean"] < 0.02
