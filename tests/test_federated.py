@@ -162,3 +162,30 @@ def test_ray_simulation_backend(tmp_path, cifar10):
     assert len(rows[0]["clients"]) == 2
     assert len(rows[0]["bytes_up"]) == 2 and rows[0]["rejected"] == []
     assert abs(rows[0]["mib_up_mean"] - ref[0]["mib_up_mean"]) / ref[0]["mib_up_mean"] < 0.02
+
+
+def test_parallel_backend_matches_inprocess(tmp_path, cifar10):
+    """Forked single-thread workers: same sampling, same message sizes, a crash becomes a rejected reply."""
+    par = read_metrics(run(tiny(tmp_path, "par", "federation.rounds=1", "federation.backend=\"parallel\""), progress=False))
+    seq = read_metrics(run(tiny(tmp_path, "seq", "federation.rounds=1"), progress=False))
+    assert sorted(par[0]["clients"]) == sorted(seq[0]["clients"])
+    assert sorted(par[0]["bytes_up"]) == pytest.approx(sorted(seq[0]["bytes_up"]), rel=0.02)
+
+
+def test_parallel_worker_failure_is_an_error_reply(tmp_path, cifar10):
+    from training.runner import InProcessGrid
+
+    def broken_app(msg, context):
+        raise RuntimeError("client exploded")
+
+    grid = InProcessGrid(broken_app, 2, workers=2)
+    try:
+        cfg = tiny(tmp_path, "w")
+        strategy = CompressedFedAvg(cfg)
+        from flwr.app import ConfigRecord
+
+        msgs = strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid)
+        replies = list(grid.send_and_receive(msgs, timeout=60))
+        assert replies and all(r.has_error() and "client exploded" in r.error.reason for r in replies)
+    finally:
+        grid.close()

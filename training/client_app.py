@@ -28,8 +28,8 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_record(msg.content["config"])
     server_round = int(msg.content["config"].get("server-round", 0))
     partition_id = int(context.node_config["partition-id"])
-    if cfg.federation.backend == "ray" or context.node_config.get("threads"):
-        torch.set_num_threads(int(context.node_config.get("threads", cfg.federation.threads_per_client)))
+    if cfg.federation.backend in ("parallel", "ray"):  # clients side by side: one thread each by default
+        torch.set_num_threads(cfg.federation.threads_per_client)
 
     t0 = time.perf_counter()
     down = unpack(msg.content["arrays"])

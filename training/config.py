@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     pass
 
 
+BACKENDS = ("inprocess", "parallel", "ray")
+
+
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"  # cifar10 | cifar100
@@ -39,9 +42,9 @@ class FederationConfig:
     fraction_train: float = 0.4  # clients sampled per round
     rounds: int = 100
     seed: int = 0  # client sampling and model init
-    backend: str = "inprocess"  # inprocess (no Ray, clients one after another) | ray (Flower simulation engine)
-    threads_per_client: int = 1  # torch threads per client in the ray backend
-    parallel_clients: int = 0  # ray backend: clients trained at once (0 = one per core)
+    backend: str = "inprocess"  # inprocess: clients one after another | parallel: forked workers, no Ray | ray: Flower simulation engine
+    threads_per_client: int = 1  # torch threads per client (parallel and ray backends)
+    parallel_clients: int = 0  # parallel and ray backends: clients trained at once (0 = cores / threads)
     round_timeout: float = 0.0  # seconds to wait for replies per round (0 = wait for all)
 
 
@@ -155,7 +158,7 @@ def validate(cfg: RunConfig) -> None:
     _check(f.num_clients >= 1, "federation.num_clients", "must be >= 1")
     _check(0 < f.fraction_train <= 1, "federation.fraction_train", f"must be in (0, 1], got {f.fraction_train}")
     _check(f.rounds >= 1, "federation.rounds", "must be >= 1")
-    _check(f.backend in ("inprocess", "ray"), "federation.backend", f"must be inprocess or ray, got {f.backend!r}")
+    _check(f.backend in BACKENDS, "federation.backend", f"must be one of {', '.join(BACKENDS)}, got {f.backend!r}")
     _check(f.threads_per_client >= 1, "federation.threads_per_client", "must be >= 1")
     _check(f.parallel_clients >= 0, "federation.parallel_clients", "must be >= 0")
     _check(f.round_timeout >= 0, "federation.round_timeout", "must be >= 0 (0 = no timeout)")

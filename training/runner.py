@@ -13,6 +13,7 @@ ClientApp (training.client_app.app).
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import time
 import traceback
@@ -30,14 +31,42 @@ from .recorder import prepare_run_dir
 log = logging.getLogger("fedfinn")
 
 
-class InProcessGrid(Grid):
-    """A Grid whose nodes are ClientApp calls in this process.
+def call_client(client_app, msg: Message, context: Context) -> Message:
+    """Run the ClientApp on one message; a failure becomes an error reply, as from a SuperNode."""
+    try:
+        return client_app(msg, context)
+    except Exception as err:
+        log.debug("client %s failed:\n%s", msg.metadata.dst_node_id, traceback.format_exc())
+        return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
-    A ClientApp that raises produces an error reply, as a SuperNode would, so
-    the strategy sees the same thing in every runtime.
+
+_WORKER_APP = None
+
+
+def _worker_init(client_app, threads: int) -> None:
+    global _WORKER_APP
+    _WORKER_APP = client_app
+    torch.set_num_threads(threads)
+
+
+def _worker_call(msg: Message, context: Context) -> Message:
+    return call_client(_WORKER_APP, msg, context)
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls on this machine, without servers.
+
+    ``workers <= 1``: each message is handled right away in this process,
+    clients one after another. ``workers > 1``: messages go to a pool of
+    forked worker processes (one single-thread torch per worker by default)
+    that inherit the loaded data set, so clients train in parallel at no
+    start-up cost. Either way a ClientApp that raises produces an error
+    reply, as a SuperNode would, so the strategy sees the same thing in
+    every runtime.
     """
 
-    def __init__(self, client_app, num_nodes: int, node_config: dict | None = None):
+    def __init__(self, client_app, num_nodes: int, node_config: dict | None = None,
+                 workers: int = 0, threads_per_worker: int = 1):
         self.client_app = client_app
         self.contexts = {
             node_id: Context(run_id=1, node_id=node_id,
@@ -46,13 +75,24 @@ class InProcessGrid(Grid):
             for i, node_id in enumerate(range(1001, 1001 + num_nodes))
         }
         self.replies: dict[str, Message] = {}
+        self.pending: dict[str, object] = {}  # message id -> AsyncResult (worker pool)
         self._run = None
+        # Fork before this process runs any torch op: forked OpenMP pools can hang.
+        self.pool = None
+        if workers > 1:
+            self.pool = mp.get_context("fork").Pool(workers, _worker_init, (client_app, threads_per_worker))
         # Flower stamps every new Message with the identity of the task that
         # creates it; a SuperLink sets it for a real ServerApp process.
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
     def set_run(self, run) -> None:
         self._run = run
@@ -73,28 +113,53 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             msg.metadata.__dict__["_src_node_id"] = 0
             context = self.contexts[msg.metadata.dst_node_id]
-            try:
-                reply = self.client_app(msg, context)
-            except Exception as err:  # the ClientApp failed: an error reply, as from a SuperNode
-                log.debug("client %s failed:\n%s", msg.metadata.dst_node_id, traceback.format_exc())
-                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self.replies[msg.metadata.message_id] = reply
+            if self.pool is not None:
+                self.pending[msg.metadata.message_id] = self.pool.apply_async(_worker_call, (msg, context))
+            else:
+                self.replies[msg.metadata.message_id] = call_client(self.client_app, msg, context)
             ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        for i in list(self.pending):
+            if self.pending[i].ready():
+                self.replies[i] = self.pending.pop(i).get()
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for i in ids:
+            if i in self.pending:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    self.pending[i].wait(left)
+                except Exception:
+                    pass
+        return self.pull_messages(ids)
 
 
 def run_inprocess(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
+    """``inprocess`` (clients one after another) or ``parallel`` (forked workers)."""
     from .client_app import app as client_app
     from .server_app import serve
+    from .task import dataset
 
-    grid = InProcessGrid(client_app, cfg.federation.num_clients)
-    return serve(grid, cfg, progress=progress, resume=resume)
+    workers = 0
+    if cfg.federation.backend == "parallel":
+        workers = parallel_clients(cfg)
+        dataset(cfg)  # load once here; the forked workers inherit it
+    grid = InProcessGrid(client_app, cfg.federation.num_clients, workers=workers,
+                         threads_per_worker=cfg.federation.threads_per_client)
+    try:
+        return serve(grid, cfg, progress=progress, resume=resume)
+    finally:
+        grid.close()
+
+
+def parallel_clients(cfg: RunConfig) -> int:
+    f = cfg.federation
+    return f.parallel_clients or max(1, (os.cpu_count() or 1) // f.threads_per_client)
 
 
 def run_ray(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
@@ -116,14 +181,13 @@ def run_ray(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path
             raise
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: silence Ray's tip
-    f = cfg.federation
     cores = os.cpu_count() or 1
-    parallel = f.parallel_clients or max(1, cores // f.threads_per_client)
+    parallel = parallel_clients(cfg)
     backend_config = {
         "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
         "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True},
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=f.num_clients,
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config)
     if failure:
         raise failure[0]
@@ -139,5 +203,5 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False, resume: 
     for name in ("flwr", "flwr.common"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if cfg.federation.backend == "ray":
-        return run_ray(cfg, progress, resume)
+        return run_ray(cfg, progress, resume)  # parallel and inprocess share the in-process grid
     return run_inprocess(cfg, progress, resume)
