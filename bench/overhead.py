@@ -2,18 +2,19 @@
 
 Runs, side by side on this machine:
 
-1. a fedfinn run of ``configs/reduced/baseline.toml`` (or --config) with the
-   parallel backend (Flower's simulation engine, one single-thread client
-   per core);
+1. fedfinn runs of ``configs/reduced/baseline.toml`` (or --config) with the
+   parallel backends: ``parallel`` (forked single-thread client workers, no
+   Ray) and ``ray`` (Flower's simulation engine, one single-thread client per
+   core);
 2. bare loops doing the same work: every round, the same sampled clients'
    images (same LDA shares, batch size, augmentation, epochs) trained by
    plain PyTorch loops, one single-thread trainer process per core, then the
    same test images evaluated with all cores. No Flower, no codec, no
    aggregation, no checkpoints.
 
-Writes JSON with both wall times and the overhead ratio.
+Writes JSON with all wall times and the overhead ratio of each backend.
 
-    python bench/overhead.py --out results/bench/overhead.json [--rounds 5]
+    python bench/overhead.py --out results/bench/overhead.json [--backends parallel ray]
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ def bare_loops(cfg, cores: int) -> dict:
 def fedfinn_run(cfg) -> dict:
     from training.runner import run
 
+    cfg.federation.threads_per_client = 1
+
     start = time.perf_counter()
     run(cfg, progress=True, overwrite=True)
     seconds = time.perf_counter() - start
@@ -112,24 +115,29 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/reduced/baseline.toml")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--backends", nargs="+", default=["parallel", "ray"], choices=["parallel", "ray", "inprocess"])
     p.add_argument("--out", default="results/bench/overhead.json")
     args = p.parse_args()
     cores = os.cpu_count() or 1
-    cfg = load_config(args.config, ["run.name=bench_overhead", *args.set])
+    cfg = load_config(args.config, args.set)
     print(f"bare loops: {cfg.federation.rounds} rounds on {cores} single-thread trainers", flush=True)
     bare = bare_loops(cfg, cores)
-    print(f"bare: {bare['seconds']:.1f} s; now fedfinn ({cfg.federation.backend})", flush=True)
-    fed = fedfinn_run(cfg)
+    print(f"bare: {bare['seconds']:.1f} s", flush=True)
     result = {
-        "config": args.config, "overrides": args.set, "backend": cfg.federation.backend,
+        "config": args.config, "overrides": args.set, "rounds": cfg.federation.rounds,
         "machine": {"cores": cores, "processor": platform.processor(), "torch": torch.__version__},
-        "rounds": cfg.federation.rounds, "bare": bare, "fedfinn": fed,
-        "overhead": fed["seconds"] / bare["seconds"] - 1,
+        "bare": bare, "fedfinn": {}, "overhead": {},
     }
+    for backend in args.backends:
+        run_cfg = load_config(args.config, [*args.set, f"run.name=bench_overhead_{backend}", f"federation.backend={backend}"])
+        fed = fedfinn_run(run_cfg)
+        result["fedfinn"][backend] = fed
+        result["overhead"][backend] = fed["seconds"] / bare["seconds"] - 1
+        print(f"fedfinn ({backend}) {fed['seconds']:.1f} s vs bare {bare['seconds']:.1f} s: "
+              f"overhead {100 * result['overhead'][backend]:+.1f}%", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"fedfinn {fed['seconds']:.1f} s vs bare {bare['seconds']:.1f} s: overhead {100 * result['overhead']:+.1f}%")
     return 0
 
 
