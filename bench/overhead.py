@@ -24,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -79,11 +80,12 @@ def bare_loops(cfg, cores: int) -> dict:
     rng = np.random.default_rng(cfg.federation.seed)
     k = max(1, int(cfg.federation.num_clients * cfg.federation.fraction_train + 1e-9))
     test_n = cfg.data.test_images or len(d.test_y)
+    pool = mp.get_context("fork").Pool(cores)  # fork before any torch op here (OpenMP and fork)
     torch.set_num_threads(cores)
     eval_model = build_model("resnet12", 10, 32)
     per_round = []
     start = time.perf_counter()
-    with mp.get_context("fork").Pool(cores) as pool:
+    with pool:
         for r in range(cfg.federation.rounds):
             t0 = time.perf_counter()
             clients = rng.choice(cfg.federation.num_clients, size=k, replace=False)
@@ -95,20 +97,14 @@ def bare_loops(cfg, cores: int) -> dict:
             pool.map(_bare_train, jobs, chunksize=1)
             _bare_eval(eval_model, d.test_x[:test_n], d.test_y[:test_n], d.mean, d.std)
             per_round.append(time.perf_counter() - t0)
-    return {"seconds": time.perf_counter() - start, "per_round": per_round}
+    return {"loop_seconds": time.perf_counter() - start, "per_round": per_round}
 
 
-def fedfinn_run(cfg) -> dict:
-    from training.runner import run
-
-    cfg.federation.threads_per_client = 1
-
+def timed(cmd: list[str]) -> float:
+    """Wall time of a whole command: both sides pay interpreter start and imports."""
     start = time.perf_counter()
-    run(cfg, progress=True, overwrite=True)
-    seconds = time.perf_counter() - start
-    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"seconds": seconds, "per_round": [r["seconds"]["round"] for r in rows],
-            "final_accuracy": rows[-1]["test_accuracy"]}
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -117,27 +113,42 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--backends", nargs="+", default=["parallel", "ray"], choices=["parallel", "ray", "inprocess"])
     p.add_argument("--out", default="results/bench/overhead.json")
+    p.add_argument("--bare-only", metavar="JSON", help=argparse.SUPPRESS)  # the bare side, run as a child
     args = p.parse_args()
     cores = os.cpu_count() or 1
     cfg = load_config(args.config, args.set)
+    if args.bare_only:
+        Path(args.bare_only).write_text(json.dumps(bare_loops(cfg, cores)))
+        return 0
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sets = sum((["--set", x] for x in args.set), [])
     print(f"bare loops: {cfg.federation.rounds} rounds on {cores} single-thread trainers", flush=True)
-    bare = bare_loops(cfg, cores)
-    print(f"bare: {bare['seconds']:.1f} s", flush=True)
+    bare_json = out.with_suffix(".bare.json")
+    bare_seconds = timed([sys.executable, __file__, "--config", args.config, *sets, "--bare-only", str(bare_json)])
+    bare = {"seconds": bare_seconds, **json.loads(bare_json.read_text())}
+    bare_json.unlink()
+    print(f"bare: {bare_seconds:.1f} s", flush=True)
     result = {
         "config": args.config, "overrides": args.set, "rounds": cfg.federation.rounds,
         "machine": {"cores": cores, "processor": platform.processor(), "torch": torch.__version__},
+        "measured": "wall time of each whole command (interpreter start, imports, data, all rounds)",
         "bare": bare, "fedfinn": {}, "overhead": {},
     }
+    fedfinn = Path(sys.executable).with_name("fedfinn")
     for backend in args.backends:
-        run_cfg = load_config(args.config, [*args.set, f"run.name=bench_overhead_{backend}", f"federation.backend={backend}"])
-        fed = fedfinn_run(run_cfg)
-        result["fedfinn"][backend] = fed
-        result["overhead"][backend] = fed["seconds"] / bare["seconds"] - 1
-        print(f"fedfinn ({backend}) {fed['seconds']:.1f} s vs bare {bare['seconds']:.1f} s: "
+        name = f"bench_overhead_{backend}"
+        seconds = timed([str(fedfinn), "run", args.config, *sets, "--overwrite", "--quiet",
+                         "--set", f"run.name={name}", "--set", f"federation.backend={backend}",
+                         "--set", "federation.threads_per_client=1"])
+        rows = [json.loads(x) for x in (Path(cfg.run.out_dir) / name / "metrics.jsonl").read_text().splitlines()]
+        result["fedfinn"][backend] = {"seconds": seconds, "per_round": [r["seconds"]["round"] for r in rows],
+                                      "final_accuracy": rows[-1]["test_accuracy"]}
+        result["overhead"][backend] = seconds / bare_seconds - 1
+        print(f"fedfinn ({backend}) {seconds:.1f} s vs bare {bare_seconds:.1f} s: "
               f"overhead {100 * result['overhead'][backend]:+.1f}%", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+        out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
