@@ -42,11 +42,22 @@ clean-runs:
 	rm -rf runs
 
 # --- hardware (hw/) ---
-# FINN (finn-plus 1.6.1) for the hardware flow; see docs/hardware.md.
+# FINN (finn-plus 1.6.1) hardware flow; see docs/hardware.md.
+#   make install-hw                                  finn-plus into $(VENV)
+#   make hw MODEL=model.onnx BOARD=Pynq-Z2 [NAME=..] [FPS=..]   -> build/<NAME>
+#   make hw-weights BUILD=build/<NAME> MODEL=round.onnx          -> <BUILD>/rounds/<stem>
+#   make hw-emulate BUILD=build/<NAME> [N=100] [WEIGHTS=dir]
+#   make bitstream BUILD=build/<NAME>                (needs Vivado + Vitis HLS 2024.2)
 # finn-plus pins brevitas==0.13.0 (broken on torch 2.13), so its requirements
 # are installed explicitly from hw/requirements-finn.txt, then finn-plus itself
-# with --no-deps.
+# with --no-deps. HW_DEPS= (empty) skips the install check.
 HW_STAMP := $(VENV)/.fedfinn-hw-installed
+HW_DEPS ?= install-hw
+BOARD ?= Pynq-Z2
+NAME ?= $(basename $(notdir $(MODEL)))
+BUILD ?= build/$(NAME)
+N ?= 100
+HW_PY := $(BIN)/python -m hw.cli
 
 $(HW_STAMP): $(STAMP) hw/requirements-finn.txt
 	$(BIN)/python -m pip install -q -r hw/requirements-finn.txt
@@ -56,7 +67,21 @@ $(HW_STAMP): $(STAMP) hw/requirements-finn.txt
 
 install-hw: $(HW_STAMP)
 
-.PHONY: install-hw
+hw: $(HW_DEPS)
+	@test -n "$(MODEL)" || { echo "usage: make hw MODEL=<qonnx .onnx> [BOARD=Pynq-Z2] [NAME=..] [FPS=..]"; exit 2; }
+	$(HW_PY) build $(MODEL) --board $(BOARD) --out $(BUILD) $(if $(FPS),--target-fps $(FPS))
+
+hw-weights: $(HW_DEPS)
+	@test -n "$(MODEL)" || { echo "usage: make hw-weights BUILD=build/<name> MODEL=<round .onnx>"; exit 2; }
+	$(HW_PY) weights $(BUILD) $(MODEL)
+
+hw-emulate: $(HW_DEPS)
+	$(HW_PY) emulate $(BUILD) -n $(N) $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+bitstream: $(HW_DEPS)
+	$(HW_PY) bitstream $(BUILD)
+
+.PHONY: install-hw hw hw-weights hw-emulate bitstream
 
 # The reduced-scale study of issue 2 (full real CIFAR-10, 10 clients, 4 per
 # round, 1 local epoch, 5 rounds): ~7 min per row on 2 cores; finished rows
