@@ -32,7 +32,7 @@ quick: install
 	  echo "quick_$$name done"; done
 	$(BIN)/fedfinn report $(foreach r,$(QUICK_ROWS),runs/quick_$(firstword $(subst :, ,$(r)))) --out results/quick
 
-test: install
+test: install install-hw
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q
 
 bench: install
