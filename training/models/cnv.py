@@ -14,10 +14,11 @@ Layout (32x32 input, unpadded 3x3 convolutions, as BNN-PYNQ's CNV):
     FC 512->classes          (logits)
 
 Weights at X bits, activations at Y bits (``cnv-wXaY``), quantizers from
-``deploy_quant``: per-output-channel statistics scales on the layers followed
-by BatchNorm, a per-tensor scale on the classifier; BNN-PYNQ's constant-range
-quantized hard-tanh activations (bipolar at 1 bit, so W1A1 maps to FINN's
-XNOR-popcount layers). No conv/FC biases: each BatchNorm carries the affine
+``deploy_layers`` (all scales powers of two): per-output-channel statistics
+scales on the layers followed by BatchNorm, a per-tensor scale on the
+classifier; BNN-PYNQ's constant-range quantized hard-tanh activations
+(QuantIdentity on [-1, 1); bipolar at 1 bit, so W1A1 maps to FINN's
+XNOR-popcount layers). 1,546,688 parameters. No conv/FC biases: each BatchNorm carries the affine
 terms and folds into FINN's thresholds. The classifier has no bias and no
 BatchNorm either, so the streamlined graph ends in one positive scalar Mul
 that FINN can fold into a TopK (the label is the argmax of the integer
@@ -44,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .deploy_quant import check_bits, cnv_act, input_quant, weight_quant
+from .deploy_layers import BatchNorm1d, BatchNorm2d, check_bits, cnv_act, input_quant, weight_quant
 
 # (out_channels, max-pool after) per conv layer
 CONV_LAYERS = ((64, False), (64, True), (128, False), (128, True), (256, False), (256, False))
@@ -66,7 +67,7 @@ class CNV(nn.Module):
         for out_ch, pool in CONV_LAYERS:
             layers += [
                 QuantConv2d(ch, out_ch, KERNEL, bias=False, **weight_quant(weight_bits)),
-                nn.BatchNorm2d(out_ch),
+                BatchNorm2d(out_ch),
                 cnv_act(act_bits),
             ]
             ch, size = out_ch, size - KERNEL + 1
@@ -78,7 +79,7 @@ class CNV(nn.Module):
         self.features = nn.Sequential(*layers)
         fc: list[nn.Module] = []
         for width in FC_LAYERS:
-            fc += [QuantLinear(ch, width, bias=False, **weight_quant(weight_bits)), nn.BatchNorm1d(width), cnv_act(act_bits)]
+            fc += [QuantLinear(ch, width, bias=False, **weight_quant(weight_bits)), BatchNorm1d(width), cnv_act(act_bits)]
             ch = width
         fc.append(QuantLinear(ch, num_classes, bias=False, **weight_quant(weight_bits, per_channel=False)))
         self.classifier = nn.Sequential(*fc)

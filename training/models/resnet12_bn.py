@@ -22,10 +22,11 @@ One block::
     x -> conv1 -> bn1 -> relu1 -> conv2 -> bn2 -> relu2 -> conv3 -> bn3 -> q_res --+
     x -> shortcut conv 1x1 -> bn_sc -----------------------------------------> q_res -> add -> relu -> max-pool
 
-Weights at X bits (per-output-channel statistics scales; per tensor in the
-classifier), activations at Y bits; the residual quantizer runs at max(Y, 2)
-bits (see ``deploy_quant``). Learned activation scales are float parameters
-that FedAvg averages with the weights.
+Weights at X bits (per-output-channel power-of-two statistics scales; per
+tensor in the classifier), activations at Y bits with constant power-of-two
+scales (the BatchNorms learn the ranges); the residual quantizer runs at
+max(Y, 2) bits (see ``deploy_layers``). 780,256 parameters: the study
+model's 780,266 less the classifier bias.
 
 BatchNorm statistics are averaged by FedAvg like the weights (running_mean /
 running_var travel as fp32; see ``cnv`` for why averaging rather than
@@ -37,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .deploy_quant import check_bits, input_quant, relu_act, residual_act, weight_quant
+from .deploy_layers import BatchNorm2d, check_bits, input_quant, relu_act, residual_act, weight_quant
 from .resnet12 import WIDTHS
 
 
@@ -50,10 +51,10 @@ def qconv(in_ch: int, out_ch: int, kernel: int, bits: int) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, weight_bits: int, act_bits: int):
         super().__init__()
-        self.conv1, self.bn1, self.act1 = qconv(in_ch, out_ch, 3, weight_bits), nn.BatchNorm2d(out_ch), relu_act(act_bits)
-        self.conv2, self.bn2, self.act2 = qconv(out_ch, out_ch, 3, weight_bits), nn.BatchNorm2d(out_ch), relu_act(act_bits)
-        self.conv3, self.bn3 = qconv(out_ch, out_ch, 3, weight_bits), nn.BatchNorm2d(out_ch)
-        self.shortcut = nn.Sequential(qconv(in_ch, out_ch, 1, weight_bits), nn.BatchNorm2d(out_ch))
+        self.conv1, self.bn1, self.act1 = qconv(in_ch, out_ch, 3, weight_bits), BatchNorm2d(out_ch), relu_act(act_bits)
+        self.conv2, self.bn2, self.act2 = qconv(out_ch, out_ch, 3, weight_bits), BatchNorm2d(out_ch), relu_act(act_bits)
+        self.conv3, self.bn3 = qconv(out_ch, out_ch, 3, weight_bits), BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential(qconv(in_ch, out_ch, 1, weight_bits), BatchNorm2d(out_ch))
         self.residual_quant = residual_act(act_bits)  # shared by both inputs of the add
         self.act_out = relu_act(act_bits)
         self.pool = nn.MaxPool2d(2)
