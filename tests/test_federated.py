@@ -189,3 +189,16 @@ def test_parallel_worker_failure_is_an_error_reply(tmp_path, cifar10):
         assert replies and all(r.has_error() and "client exploded" in r.error.reason for r in replies)
     finally:
         grid.close()
+
+
+def test_deployable_model_trains_federated_and_exports_every_round(tmp_path, cifar10):
+    cfg = tiny(tmp_path, "cnv", "model.name=\"cnv-w2a2\"", "run.export_every=1", "data.images_per_client=20",
+               "data.test_images=40")
+    rows = read_metrics(run(cfg, progress=False))
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["rejected"] == [] for r in rows)
+    # 2-bit codes on the wire: far below fp32 for 1.5 M parameters
+    assert max(rows[0]["bytes_up"]) < 1_546_688 * 4 / 8
+    for r in (1, 2):
+        assert (cfg.run_dir / "qonnx" / f"round_{r:03d}.onnx").exists()
+        assert "error" not in rows[r - 1]["export"]

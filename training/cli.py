@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     rep.add_argument("--out", default="results/report", help="output folder")
     rep.set_defaults(fn=cmd_report)
+
+    from export.cli import add_parser as add_export_parser  # `fedfinn export RUN [--round N]`
+    from hw.cli import add_parser as add_hw_parser  # `fedfinn hw ...`; finn is imported only when a hw command runs
+
+    add_export_parser(sub)
+    add_hw_parser(sub)
+
+    from .deploy import add_parser as add_deploy_parser  # deploy, supernode (issue 3)
+    add_deploy_parser(sub)
     return p
 
 

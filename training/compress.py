@@ -81,7 +81,8 @@ def decode_for(model: nn.Module, blob: bytes) -> dict[str, np.ndarray]:
 def load_values(model: nn.Module, values: dict[str, np.ndarray]) -> None:
     state = model.state_dict()
     for name, value in values.items():
-        state[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+        # np.array (not ascontiguousarray, which makes 0-d arrays 1-d) keeps scalars scalar
+        state[name].copy_(torch.from_numpy(np.array(value, copy=True)).reshape(state[name].shape))
 
 
 def message_to_model(model: nn.Module, blob: bytes) -> None:

@@ -78,6 +78,7 @@ class RunSection:
     out_dir: str = "runs"
     checkpoint_every: int = 1  # rounds between checkpoints (the last round is always saved)
     eval_batch_size: int = 500
+    export_every: int = 0  # write runs/<name>/qonnx/round_NNN.onnx (+ finn/) every k rounds and at the end; 0 = never
 
 
 @dataclass
@@ -180,6 +181,7 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain folder name")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
     _check(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
+    _check(r.export_every >= 0, "run.export_every", "must be >= 0 (0 = never)")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

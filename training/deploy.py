@@ -1,0 +1,547 @@
+"""``fedfinn deploy``: a Flower deployment (SuperLink + SuperNodes) on this machine.
+
+    fedfinn deploy CONFIG.toml --nodes N [--set section.key=value ...]
+                   [--resume | --overwrite] [--insecure] [--plain] [--timeout S]
+
+What it does, in order (every process's log lands in ``runs/<name>/deploy/``):
+
+1. resolves the config exactly as ``fedfinn run`` does (``--nodes N`` sets
+   ``federation.num_clients``: one SuperNode per client) and prepares
+   ``runs/<name>/`` the same way (``--overwrite``, ``--resume``);
+2. makes a fresh test CA, a SuperLink certificate and one authentication key
+   pair per SuperNode (``training.certs``) unless ``--certs DIR`` names
+   existing ones, or ``--insecure`` is given (then: no TLS, no SuperNode
+   authentication, and a warning says so);
+3. starts ``flower-superlink`` on a free loopback port (the OS picks it, so
+   parallel deployments never collide) with TLS, ``--enable-supernode-auth``
+   and ``--disable-runtime-dependency-installation`` (the SuperLink never
+   installs app dependencies at run time), registers the N node public keys,
+   and starts N SuperNodes, node i with ``partition-id=i num-partitions=N`` in
+   its node config: by default ``fedfinn supernode`` (training.fastnode:
+   Flower's SuperNode with a warm ClientApp executor and adaptive polling),
+   with ``--plain`` the stock ``flower-supernode``;
+4. submits the app with ``flwr run`` (a Flower config in a private
+   ``FLWR_HOME`` names the SuperLink); the SuperLink starts the ServerApp
+   (training.server_app.main -> serve), which writes ``runs/<name>/``
+   exactly like the other ways of running;
+5. watches: a SuperNode that dies is reported and the run goes on (its
+   missing replies are recorded in the round's JSON line); a ServerApp or
+   SuperLink that dies stops the deployment with the hint to ``--resume``;
+6. stops every process it started (SIGTERM to each process group and every
+   descendant, SIGKILL after a grace period) on success, error, Ctrl-C or
+   SIGTERM.
+
+Ports: the SuperLink serves its Fleet, Control and Runtime APIs on one port
+(flwr 1.42); each SuperNode has a Runtime API port for its ClientApps. All
+listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+CONNECTION = "fedfinn"  # SuperLink connection name in the private Flower config
+
+
+class DeployError(RuntimeError):
+    pass
+
+
+# --- small process utilities ---------------------------------------------------------
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """``n`` distinct ports that the OS reports free on ``host`` right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        rest = stat[stat.rfind(")") + 2:].split()
+        table[int(entry)] = (int(rest[1]), rest[0])
+    return table
+
+
+def descendants(pid: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
+    table = _proc_table() if table is None else table
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+
+def stop_processes(procs: list[Proc], grace: float = 6.0) -> None:
+    """SIGTERM every process group and descendant of ``procs``; SIGKILL what is left after ``grace``."""
+    table = _proc_table()
+    pids: set[int] = set()
+    for p in procs:
+        pids.add(p.pid)
+        pids.update(descendants(p.pid, table))
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)  # each was started in its own session: pgid == pid
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        for p in procs:
+            p.popen.poll()
+        time.sleep(0.1)
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    for p in procs:
+        try:
+            p.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# --- the deployment ------------------------------------------------------------------
+
+@dataclass
+class Deployment:
+    """A SuperLink and ``nodes`` SuperNodes on loopback; ``start``, ``submit``, ``wait``, ``stop``."""
+
+    workdir: Path  # runs/<name>/deploy: logs, Flower homes, certificates
+    nodes: int
+    tls: bool = True
+    auth: bool = True
+    fast: bool = True  # fedfinn supernode (warm executor, adaptive polling); False = stock flower-supernode
+    certs: Path | None = None  # existing certificates (training.certs layout); None = make fresh ones
+    threads: int = 1  # torch threads per ClientApp (fast nodes)
+    preload: Path | None = None  # config whose data the fast nodes load before the first message
+    app_dir: Path = REPO
+    say: object = print
+    procs: list[Proc] = field(default_factory=list)
+    node_procs: list[Proc] = field(default_factory=list)
+    node_ids: dict[int, int] = field(default_factory=dict)  # partition id -> Flower node id
+    superlink: Proc | None = None
+    port: int = 0
+
+    # -- environment ------------------------------------------------------------
+    def _env(self, home: Path, extra: dict | None = None) -> dict:
+        env = dict(os.environ)
+        env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
+                   FLWR_HOME=str(home))
+        pack = REPO.parent / "shared" / "data"
+        if "FEDFINN_DATA" not in env and (pack / "cifar10-jpeg.npz").exists():
+            env["FEDFINN_DATA"] = str(pack)  # the installed FAB does not sit beside ../shared
+        if self.fast:
+            env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # the SuperLink's ServerApp launcher
+        env.update(extra or {})
+        return env
+
+    def _spawn(self, name: str, argv: list[str], home: Path) -> Proc:
+        log = self.workdir / f"{name}.log"
+        f = open(log, "ab")  # noqa: SIM115 (closed with the deployment)
+        home.mkdir(parents=True, exist_ok=True)
+        popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 cwd=self.app_dir, env=self._env(home), start_new_session=True)
+        f.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def link_home(self) -> Path:
+        return self.workdir / "flwr_home" / "superlink"
+
+    # -- commands -----------------------------------------------------------------
+    def superlink_argv(self) -> list[str]:
+        argv = [_bin("flower-superlink"), "--host", LOOPBACK, "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.tls:
+            c = self.certs
+            argv += ["--ssl-ca-certfile", str(c / "ca.crt"), "--ssl-certfile", str(c / "server.crt"),
+                     "--ssl-keyfile", str(c / "server.key")]
+            if self.auth:
+                argv += ["--enable-supernode-auth"]
+        else:
+            argv += ["--insecure"]
+        return argv
+
+    def node_argv(self, i: int, runtime_port: int) -> list[str]:
+        common = ["--superlink", f"{LOOPBACK}:{self.port}", "--host", LOOPBACK, "--port", str(runtime_port),
+                  "--node-config", f"partition-id={i} num-partitions={self.nodes}", "--max-wait-time", "120"]
+        if self.tls:
+            common += ["--root-certificates", str(self.certs / "ca.crt")]
+            if self.auth:
+                common += ["--auth-supernode-private-key", str(self.certs / f"node_{i}.key")]
+        else:
+            common += ["--insecure"]
+        if not self.fast:
+            return [_bin("flower-supernode"), *common]
+        own = ["--threads", str(self.threads)]
+        if self.preload:
+            own += ["--preload", str(self.preload)]
+        return [sys.executable, "-m", "training.fastnode", *own, *common]
+
+    def flower_config(self) -> str:
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "{LOOPBACK}:{self.port}"']
+        lines += [f'root-certificates = "{self.certs / "ca.crt"}"'] if self.tls else ["insecure = true"]
+        return "\n".join(lines) + "\n"
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.tls:
+            self.auth = False
+            self.say("WARNING: insecure deployment (--insecure): no TLS, no SuperNode authentication; "
+                     "anyone who reaches the port can join or read the federation")
+        elif self.certs is None:
+            from .certs import make_certs
+
+            self.certs = make_certs(self.workdir / "certs", nodes=self.nodes if self.auth else 0)
+        else:
+            self.certs = Path(self.certs).resolve()
+            missing = [n for n in ["ca.crt", "server.crt", "server.key",
+                                   *([f"node_{i}.key" for i in range(self.nodes)] if self.auth else [])]
+                       if not (self.certs / n).exists()]
+            if missing:
+                raise DeployError(f"--certs {self.certs}: missing {', '.join(missing)} (make certs NODES={self.nodes})")
+        deadline = time.monotonic() + timeout
+        for attempt in range(3):  # a port taken between choosing and binding: choose again
+            self.port = free_ports(1)[0]
+            self.link_home.mkdir(parents=True, exist_ok=True)
+            (self.link_home / "config.toml").write_text(self.flower_config())
+            self.superlink = self._spawn("superlink", self.superlink_argv(), self.link_home)
+            if self._wait_port(self.superlink, deadline):
+                break
+            stop_processes([self.superlink], grace=2)
+            self.procs.remove(self.superlink)
+            if attempt == 2 or "address already in use" not in _tail(self.superlink.log).lower():
+                raise DeployError(f"the SuperLink did not start; {self.superlink.log}:\n{_tail(self.superlink.log)}")
+        self.say(f"SuperLink on {LOOPBACK}:{self.port} ({'TLS' if self.tls else 'insecure'}"
+                 f"{', SuperNode authentication' if self.auth else ''}), pid {self.superlink.pid}")
+        if self.auth:
+            self._register_nodes()
+        ports = free_ports(self.nodes)
+        for i in range(self.nodes):
+            home = self.workdir / "flwr_home" / f"node_{i}"
+            self.node_procs.append(self._spawn(f"supernode_{i}", self.node_argv(i, ports[i]), home))
+        self._wait_nodes(deadline)
+        (self.workdir / "nodes.json").write_text(json.dumps(
+            {"superlink": f"{LOOPBACK}:{self.port}", "tls": self.tls, "auth": self.auth,
+             "nodes": {str(i): nid for i, nid in sorted(self.node_ids.items())}}, indent=2) + "\n")
+        self.say(f"{self.nodes} SuperNode(s) connected ({'fedfinn supernode' if self.fast else 'flower-supernode'})")
+
+    def _wait_port(self, proc: Proc, deadline: float) -> bool:
+        while time.monotonic() < deadline:
+            if not proc.running():
+                return False
+            try:
+                with socket.create_connection((LOOPBACK, self.port), timeout=1):
+                    pass
+                if "Uvicorn running" in _tail(proc.log, 200) or "Application startup complete" in _tail(proc.log, 200):
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise DeployError(f"the SuperLink did not come up in time; {proc.log}:\n{_tail(proc.log)}")
+
+    def _register_nodes(self) -> None:
+        """Register every node's public key with the SuperLink (what ``flwr supernode register`` does)."""
+        old = os.environ.get("FLWR_HOME")
+        os.environ["FLWR_HOME"] = str(self.link_home)
+        try:
+            from flwr.cli.flower_config import read_superlink_connection
+            from flwr.cli.supernode.register import try_load_public_key
+            from flwr.cli.utils import init_http_client_from_connection
+            from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+
+            client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+            try:
+                for i in range(self.nodes):
+                    res = client.RegisterNode(RegisterNodeRequest(
+                        public_key=try_load_public_key(self.certs / f"node_{i}.pub"), name=f"partition-{i}"))
+                    self.node_ids[i] = int(res.node_id)
+            finally:
+                client.close()
+        finally:
+            if old is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = old
+
+    def _wait_nodes(self, deadline: float) -> None:
+        pattern = re.compile(r"SuperNode ID: (\d+)")
+        pending = set(range(self.nodes))
+        while pending:
+            for i in list(pending):
+                proc = self.node_procs[i]
+                m = pattern.search(_tail(proc.log, 400))
+                ready = m is not None
+                if ready and self.fast and self.preload:
+                    ready = "warm in" in _tail(proc.log, 400)  # the executor has loaded torch and the data
+                if ready:
+                    self.node_ids[i] = int(m.group(1))
+                    pending.discard(i)
+                elif not proc.running():
+                    raise DeployError(f"SuperNode {i} exited at start; {proc.log}:\n{_tail(proc.log)}")
+            if pending and time.monotonic() > deadline:
+                raise DeployError(f"SuperNode(s) {sorted(pending)} did not connect in time; see {self.workdir}")
+            if pending:
+                time.sleep(0.2)
+
+    def submit(self, run_config: dict) -> Proc:
+        """``flwr run`` the app with ``run_config``; the process streams the ServerApp's log until the run ends."""
+        path = self.workdir / "run_config.toml"
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        argv = [_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--stream", "--run-config", str(path)]
+        return self._spawn("serverapp", argv, self.link_home)
+
+    def serverapp_pids(self) -> list[int]:
+        if self.superlink is None:
+            return []
+        table = _proc_table()
+        return [p for p in descendants(self.superlink.pid, table) if "flwr-serverapp" in cmdline(p) and alive(p)]
+
+    def wait(self, run: Proc, run_dir: Path, timeout: float | None = None, on_tick=None) -> None:
+        """Until the run ends; raises DeployError if the ServerApp or the SuperLink dies first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen_server, gone_since = False, None
+        dead_nodes: set[int] = set()
+        while run.running():
+            if on_tick is not None:
+                on_tick(self)
+            if self.superlink is not None and not self.superlink.running():
+                raise DeployError(f"the SuperLink exited (rc {self.superlink.popen.returncode}); "
+                                  f"finished rounds are in {run_dir}: continue with --resume")
+            for i, proc in enumerate(self.node_procs):
+                if i not in dead_nodes and not proc.running():
+                    dead_nodes.add(i)
+                    self.say(f"SuperNode {i} (node {self.node_ids.get(i)}) exited; the run goes on without it")
+            if self.serverapp_pids():
+                seen_server, gone_since = True, None
+            elif seen_server:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > 3:
+                    raise DeployError(f"the ServerApp exited before the run finished; finished rounds are in "
+                                      f"{run_dir}: continue with --resume (log: {run.log})")
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeployError(f"the run did not finish within {timeout:g} s")
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        previous = signal.getsignal(signal.SIGINT) if _main_thread() else None
+        if previous is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # teardown is short and bounded: finish it
+        try:
+            # the nodes and the run first, then the SuperLink (which takes its SuperExec and ServerApp along)
+            order = [p for p in self.procs if p is not self.superlink]
+            stop_processes(order)
+            if self.superlink is not None:
+                stop_processes([self.superlink])
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (beside the running python), else from PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --- fedfinn deploy ----------------------------------------------------------------------
+
+def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, overwrite: bool = False,
+           resume: bool = False, insecure: bool = False, fast: bool = True, certs: str | None = None,
+           threads: int = 1, timeout: float | None = None, say=print, on_start=None, on_tick=None) -> Path:
+    """Run ``config`` over a local deployment of ``nodes`` SuperNodes; returns the run folder."""
+    from .config import load_config
+    from .recorder import prepare_run_dir, read_metrics
+
+    if any(";" in s for s in overrides):
+        raise DeployError("an override may not contain ';' under deploy")
+    cfg = load_config(config, list(overrides))
+    n = nodes or cfg.federation.num_clients
+    extra = []
+    if n != cfg.federation.num_clients:
+        say(f"federation.num_clients = {n}: one SuperNode per client")
+        extra.append(f"federation.num_clients={n}")
+    out_dir = Path(cfg.run.out_dir).resolve()
+    extra.append(f"run.out_dir={json.dumps(str(out_dir))}")
+    all_overrides = [*overrides, *extra]
+    cfg = load_config(config, all_overrides)
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
+    workdir = run_dir / "deploy"
+    if workdir.exists() and not resume:
+        shutil.rmtree(workdir)
+    if resume and workdir.exists():  # keep the previous attempt's logs beside the new ones
+        old = run_dir / f"deploy.{time.strftime('%Y%m%d-%H%M%S')}"
+        workdir.rename(old)
+    workdir.mkdir(parents=True)
+    (workdir / "config.toml").write_text(cfg.to_toml())
+    done = len(read_metrics(run_dir))
+    if resume and done >= cfg.federation.rounds:
+        say(f"{run_dir}: all {cfg.federation.rounds} rounds done; nothing to resume")
+        return run_dir
+
+    d = Deployment(workdir, n, tls=not insecure, auth=not insecure, fast=fast,
+                   certs=Path(certs) if certs else None, threads=threads, preload=workdir / "config.toml", say=say)
+    run_config = {"config": str(Path(config).resolve()) if config else "", "overrides": ";".join(all_overrides),
+                  "resume": bool(resume)}
+    try:
+        d.start()
+        if on_start is not None:
+            on_start(d)
+        t0 = time.perf_counter()
+        run = d.submit(run_config)
+        say(f"run submitted ({'resuming after round ' + str(done) if resume else 'new'}); "
+            f"ServerApp log: {run.log}")
+        d.wait(run, run_dir, timeout=timeout, on_tick=on_tick)
+        rows = read_metrics(run_dir)
+        if not rows or rows[-1]["round"] != cfg.federation.rounds or not (run_dir / "summary.json").exists():
+            raise DeployError(f"the run ended after {len(rows)} of {cfg.federation.rounds} rounds; "
+                              f"ServerApp log {run.log}:\n{_tail(run.log)}")
+        say(f"{cfg.federation.rounds} rounds in {time.perf_counter() - t0:.1f} s over the deployment")
+        return run_dir
+    finally:
+        d.stop()
+
+
+def add_parser(subparsers) -> None:
+    """The ``deploy`` and ``supernode`` subcommands of ``fedfinn``."""
+    p = subparsers.add_parser("deploy", help="run an experiment over a local Flower deployment (SuperLink + SuperNodes)",
+                              description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("config", help="path to configs/<experiment>.toml")
+    p.add_argument("--nodes", type=int, default=0, help="SuperNodes to start, one per client (default: federation.num_clients)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (says so when it starts)")
+    p.add_argument("--certs", default=None, help="use these certificates (make certs) instead of fresh ones")
+    p.add_argument("--plain", action="store_true", help="stock flower-supernode (a cold ClientApp process per message, 3 s polls)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per ClientApp (default 1)")
+    p.add_argument("--timeout", type=float, default=0, help="stop everything if the run takes longer (seconds, 0 = none)")
+    p.set_defaults(fn=cmd_deploy)
+
+    s = subparsers.add_parser("supernode", add_help=False, prefix_chars="+",
+                              help="a Flower SuperNode with a warm ClientApp executor (flower-supernode flags, plus "
+                                   "--preload CONFIG --threads N); see training/fastnode.py")
+    s.add_argument("args", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=cmd_supernode)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    def to_interrupt(signum, _frame):
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, to_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        run_dir = deploy(args.config, args.set, args.nodes, overwrite=args.overwrite, resume=args.resume,
+                         insecure=args.insecure, fast=not args.plain, certs=args.certs, threads=args.threads,
+                         timeout=args.timeout or None)
+    except DeployError as err:
+        print(f"fedfinn deploy: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    from .report import markdown_table, plot_run, summarize
+
+    plot_run(run_dir)
+    print(markdown_table([summarize(run_dir)]))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    from .fastnode import supernode_main
+
+    return supernode_main(list(args.args))
