@@ -1,0 +1,510 @@
+"""What answers the agent's requests: the accelerator on a board, or an emulator on the host.
+
+A backend is the seam between the protocol (:mod:`client_pynq.agent`) and
+what computes: it takes the runtime weights of a round and turns a batch of
+images (already in the accelerator's input format) into class indices.
+
+* :class:`BoardBackend` (``serve --deploy DIR``): a PYNQ board. Loads the
+  bitfile and ``settings.json`` of a FINN deployment package with
+  ``finn-plus-driver`` (imported here, lazily: pynq exists only on the board),
+  writes each round's ``.dat`` files with ``load_runtime_weights`` (AXI-lite,
+  read back and verified by the driver) and runs batches with ``execute``.
+  Power: the board's rails through ``pynq.get_rails()``, where it has any.
+* :class:`BitExactEmulator` (``serve --emulate BUILD``): the folded dataflow
+  model of a ``fedfinn hw build`` folder, executed bit-exactly
+  (:mod:`client_pynq.dataflow`; ``--engine finn``: FINN's own per-image
+  ``execute_onnx``, the slow reference). It takes the same ``.dat`` files the
+  board takes and decodes them into the model, so the weight files are what is
+  emulated, not a model on the side.
+* :class:`FastEmulator` (``serve --emulate BUILD --mode fast``): the round's
+  QONNX export, turned into a plain ONNX graph (activation quantizers as
+  Div/Add/Clip/Round/Sub/Mul, weights folded) with the build's input stage
+  (uint8 NHWC -> normalized NCHW) in front, run by onnxruntime on whole
+  batches. Labelled "fast (onnxruntime), not bit-exact to the accelerator":
+  float rounding at quantizer boundaries can differ from the integer datapath.
+* :class:`SyntheticBackend` (``serve --synthetic``): numpy only, no model; a
+  deterministic stand-in for protocol tests and for checking an install.
+
+The board and synthetic backends need only numpy + the standard library;
+the emulators import onnx/qonnx/onnxruntime/finn lazily, on the host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .protocol import safe_file_name
+
+FAST_LABEL = "fast (onnxruntime), not bit-exact to the accelerator"
+BITEXACT_LABEL = "emulated: bit-exact execution of the FINN dataflow model"
+
+
+class BackendError(Exception):
+    """A request the backend refuses (code = protocol error code)."""
+
+    def __init__(self, code: str, message: str, partial: bool = False):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.partial = partial  # a weight update failed half-way: the accelerator's weights are unknown
+
+
+class Backend:
+    """Interface. Subclasses set the attributes and implement the three methods."""
+
+    kind = "abstract"  # board | emulate-bitexact | emulate-fast | synthetic
+    mode = ""  # human-readable label, sent with every result
+    bit_exact = False  # results equal the accelerator's, image for image
+    accepts: tuple[str, ...] = ("dat",)
+    input_shape: tuple = ()  # one image
+    input_dtype = "uint8"
+    default_batch = 100
+    weight_files: list[str] = []  # names a "dat" update must hold
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "mode": self.mode, "bit_exact": self.bit_exact}
+
+    def set_weights(self, kind: str, files: dict[str, bytes]) -> dict:
+        raise NotImplementedError
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Class index per image of one batch (one accelerator call)."""
+        raise NotImplementedError
+
+    def has_weights(self) -> bool:
+        return True
+
+    def power_monitor(self):
+        """Context manager sampling board power during an evaluation; None = not available."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    # shared check for "dat" updates
+    def check_dat_names(self, files: dict[str, bytes]) -> None:
+        bad = [n for n in files if not safe_file_name(n) or not n.endswith(".dat")]
+        if bad:
+            raise BackendError("bad_request", f"not runtime-weight file names: {bad[:5]}")
+        want, got = set(self.weight_files), set(files)
+        if want and want != got:
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise BackendError("weights_mismatch", f"the accelerator takes exactly its {len(want)} runtime-weight "
+                               f"files; missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unknown "
+                               f"{extra[:5]}{'...' if len(extra) > 5 else ''}")
+
+
+# ----------------------------------------------------------------------------- power
+
+
+class RailMonitor:
+    """Samples ``pynq.get_rails()`` power sensors in a thread (board only)."""
+
+    def __init__(self, rails: dict, interval: float = 0.05):
+        self.rails = {k: r for k, r in rails.items() if getattr(r, "power", None) is not None}
+        self.interval = interval
+        self.samples: dict[str, list[float]] = {k: [] for k in self.rails}
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def _sample(self):
+        for k, r in self.rails.items():
+            try:
+                self.samples[k].append(float(r.power.value))
+            except Exception:
+                pass
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+        self._sample()
+        return False
+
+    def result(self) -> dict | None:
+        means = {k: float(np.mean(v)) for k, v in self.samples.items() if v}
+        if not means:
+            return None
+        n = min(len(v) for v in self.samples.values() if v)
+        totals = np.sum([v[:n] for v in self.samples.values() if v], axis=0)
+        return {"mean": round(float(sum(means.values())), 4), "max": round(float(np.max(totals)), 4),
+                "rails": {k: round(v, 4) for k, v in means.items()}, "samples": int(n)}
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+class SyntheticBackend(Backend):
+    """Deterministic stand-in (numpy only): class = (sum of an image's values + offset) % classes,
+    where ``offset`` is the sum of the 32-bit words of the weight files. Its weight set
+    is ``synthetic.dat``."""
+
+    kind = "synthetic"
+    mode = "synthetic (protocol test, no accelerator)"
+    bit_exact = False
+
+    def __init__(self, input_shape=(32, 32, 3), classes: int = 10, batch: int = 100, delay_s: float = 0.0):
+        self.input_shape = tuple(input_shape)
+        self.classes = classes
+        self.default_batch = batch
+        self.delay_s = delay_s
+        self.offset = 0
+        self.weight_files = ["synthetic.dat"]
+
+    @staticmethod
+    def offset_of(files: dict[str, bytes]) -> int:
+        total = 0
+        for name in sorted(files):
+            toks = bytes(files[name]).split()
+            total += sum(int(t, 16) for t in toks)
+        return total
+
+    def set_weights(self, kind, files):
+        if kind != "dat":
+            raise BackendError("unsupported", "the synthetic backend takes 'dat' weights")
+        self.check_dat_names(files)
+        try:
+            self.offset = self.offset_of(files)
+        except ValueError:
+            raise BackendError("weights_mismatch", "synthetic.dat must hold hex words") from None
+        return {"layers": 1}
+
+    def infer(self, batch):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        s = np.asarray(batch, dtype=np.int64).reshape(len(batch), -1).sum(1)
+        return (s + self.offset) % self.classes
+
+    @staticmethod
+    def expected(images: np.ndarray, offset: int, classes: int = 10) -> np.ndarray:
+        return (np.asarray(images, dtype=np.int64).reshape(len(images), -1).sum(1) + offset) % classes
+
+
+# ----------------------------------------------------------------------------- board
+
+
+def find_deploy_files(deploy: str | os.PathLike) -> tuple[Path, Path]:
+    """(bitfile, settings.json) of a FINN deployment package folder."""
+    d = Path(deploy)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: not a folder")
+    settings = next((p for p in (d / "driver" / "settings.json", d / "settings.json") if p.exists()), None)
+    if settings is None:
+        raise FileNotFoundError(f"{d}: no driver/settings.json (copy the whole deployment package)")
+    bits = sorted(d.glob("bitfile/*.bit")) or sorted(d.glob("*.bit"))
+    if not bits:
+        raise FileNotFoundError(f"{d}: no bitfile/*.bit")
+    if len(bits) > 1:
+        named = [b for b in bits if b.name == "finn-accel.bit"]
+        if len(named) != 1:
+            raise FileNotFoundError(f"{d}: several bitfiles {', '.join(b.name for b in bits)}")
+        bits = named
+    return bits[0], settings
+
+
+class BoardBackend(Backend):
+    """The FINN accelerator on a PYNQ board (finn-plus-driver)."""
+
+    kind = "board"
+    mode = "board (FPGA accelerator)"
+    bit_exact = True
+    accepts = ("dat",)
+
+    def __init__(self, deploy: str | os.PathLike, batch: int = 100, state_dir: str | None = None,
+                 power: bool = True, download: bool = True):
+        self.bitfile, self.settings_path = find_deploy_files(deploy)
+        settings = json.loads(self.settings_path.read_text())["driver_information"]
+        self.driver_info = settings
+        io = settings["io_shape_dict"]
+        shape = list(io["ishape_normal"][0])
+        self.input_shape = tuple(shape[1:])
+        idt = str(io["idt"][0])
+        self.input_dtype = "int8" if "'INT8'" in idt or idt == "INT8" else "uint8"
+        self.default_batch = batch
+        built_dir = self.settings_path.parent / "runtime_weights"
+        self.built_weights = {p.name: p.read_bytes() for p in sorted(built_dir.glob("*.dat"))}
+        self.weight_files = sorted(self.built_weights)
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="fedfinn-board-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._serial = 0
+        self._rails = None
+        # lazy: pynq and the driver exist only on the board image
+        try:
+            from finn_plus_driver import get_driver_class
+        except ImportError as err:
+            raise RuntimeError("finn-plus-driver is not installed (run client_pynq/install.sh on the board)") from err
+        cls = get_driver_class(settings["driver_type"])
+        kw = {k: v for k, v in settings.items() if k != "driver_type"}
+        kw["runtime_weight_dir"] = str(built_dir) if built_dir.is_dir() else str(self.state_dir / "none")
+        kw["batch_size"] = batch
+        kw["download"] = download
+        self.accel = cls(str(self.bitfile), **kw)
+        if power:
+            try:
+                from pynq import get_rails
+
+                self._rails = get_rails() or None
+            except Exception:
+                self._rails = None
+
+    def info(self):
+        d = super().info()
+        d.update({"bitfile": self.bitfile.name, "fclk_mhz": getattr(self.accel, "fclk_mhz_actual", None),
+                  "power_rails": sorted(self._rails) if self._rails else []})
+        return d
+
+    def set_weights(self, kind, files):
+        if kind != "dat":
+            raise BackendError("unsupported", "a board takes the runtime-weight files ('dat')")
+        self.check_dat_names(files)
+        for name, data in files.items():
+            n_new, n_old = len(bytes(data).split()), len(self.built_weights[name].split())
+            if n_new != n_old:
+                raise BackendError("weights_mismatch", f"{name}: {n_new} words, the accelerator has {n_old}")
+            try:
+                [int(t, 16) for t in bytes(data).split()[:4]]
+            except ValueError:
+                raise BackendError("weights_mismatch", f"{name}: not hex words") from None
+        self._serial += 1
+        stage = self.state_dir / f"rw-{self._serial}"
+        stage.mkdir()
+        for name, data in files.items():
+            (stage / name).write_bytes(bytes(data))
+        self.accel.runtime_weight_dir = str(stage)
+        try:
+            self.accel.load_runtime_weights(flush_accel=True, verify=True)
+        except Exception as err:
+            raise BackendError("backend_error", f"load_runtime_weights failed: {err}", partial=True) from err
+        for old in self.state_dir.glob("rw-*"):
+            if old != stage:
+                shutil.rmtree(old, ignore_errors=True)
+        return {"layers": len(files)}
+
+    def infer(self, batch):
+        n = len(batch)
+        x = np.ascontiguousarray(batch, dtype=np.dtype(self.input_dtype))
+        if n > self.accel.batch_size:
+            self.accel.batch_size = n  # reallocates the DMA buffers (only when a batch grows)
+        if n < self.accel.batch_size:  # a short last batch: pad, keep the buffers
+            pad = np.zeros((self.accel.batch_size - n,) + x.shape[1:], dtype=x.dtype)
+            x = np.concatenate([x, pad])
+        out = self.accel.execute(x)
+        return np.asarray(out).reshape(len(x), -1)[:n, 0].astype(np.int64)
+
+    def power_monitor(self):
+        return RailMonitor(self._rails) if self._rails else None
+
+
+# ----------------------------------------------------------------------------- emulators (host)
+
+
+def _build_record(build: Path) -> dict:
+    p = build / "build_config.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+class BitExactEmulator(Backend):
+    """The folded dataflow model of a build, fed with the board's own ``.dat`` files."""
+
+    kind = "emulate-bitexact"
+    bit_exact = True
+    accepts = ("dat",)
+
+    def __init__(self, build: str | os.PathLike, batch: int = 100, engine: str = "numpy",
+                 cache_dir: str | None = None):
+        from .dataflow import DataflowModel, find_folded_model
+
+        self.build = Path(build)
+        self.engine = engine
+        self.model_path = find_folded_model(self.build)
+        self.df = DataflowModel(self.model_path)
+        self.input_shape = tuple(self.df.in_shape[1:])
+        self.input_dtype = "int8" if self.df.in_dt.signed else "uint8"
+        self.default_batch = batch
+        # a build folder keeps them in driver/, a `hw weights` output folder next to model.onnx
+        rw = next((d for d in (self.build / "driver" / "runtime_weights", self.build / "runtime_weights")
+                   if d.is_dir()), None)
+        self.weight_files = sorted(p.name for p in rw.glob("*.dat")) if rw else []
+        self.codec = _load_codec(self.df, self.weight_files, cache_dir, self.model_path) if self.weight_files else None
+        self.mode = BITEXACT_LABEL + (" (FINN execute_onnx, per image)" if engine == "finn" else "")
+        self._finn = None
+
+    def info(self):
+        d = super().info()
+        d.update({"build": str(self.build), "engine": self.engine, "fallback_layers": self.df.fallback_nodes})
+        return d
+
+    def set_weights(self, kind, files):
+        if kind != "dat":
+            raise BackendError("unsupported", "the bit-exact emulator takes the runtime-weight files ('dat'); "
+                               "'onnx' is for --mode fast")
+        if self.codec is None:
+            raise BackendError("unsupported", "this build has no runtime-writable weights")
+        self.check_dat_names(files)
+        new = {}
+        for name, data in files.items():
+            try:
+                layer, value = self.codec.decode(name, bytes(data))
+            except (ValueError, KeyError, UnicodeDecodeError) as err:
+                raise BackendError("weights_mismatch", f"{name}: {err}") from None
+            new[layer] = value
+        for layer, value in new.items():  # all decoded first: nothing half-applied
+            self.df.set_param(layer, value)
+        self._finn = None
+        return {"layers": len(new)}
+
+    def infer(self, batch):
+        if self.engine == "finn":
+            if self._finn is None:
+                self._finn = _finn_emulator(self.df)
+            return self._finn.predict(np.asarray(batch)).astype(np.int64)
+        y = self.df.predict(np.asarray(batch))
+        return y[:, 0].astype(np.int64)
+
+
+def _finn_emulator(df):
+    """hw.emulate.Emulator on the current parameters (FINN's execute_onnx, per image)."""
+    import copy
+
+    from hw.emulate import Emulator
+
+    m = copy.deepcopy(df.model)
+    for name, value in df.params.items():
+        m.set_initializer(name, value)
+    return Emulator(m)
+
+
+def _load_codec(df, names, cache_dir, model_path):
+    """DatCodec, with the measured layouts cached on disk (they depend only on the layer geometry)."""
+    import hashlib
+    import pickle
+
+    from .dataflow import DatCodec
+
+    h = hashlib.sha256()
+    for n in df.nodes:
+        if n.name in {name[:-4].split("_", 2)[-1] for name in names}:
+            h.update(repr((n.name, n.proto.op_type, sorted((k, str(v)) for k, v in n.attrs.items()),
+                           df.params[n.inputs[1]].shape, str(n.in_dt[1]))).encode())
+    h.update(repr(sorted(names)).encode())
+    cache = Path(cache_dir or os.environ.get("FEDFINN_CACHE", Path.home() / ".cache" / "fedfinn")) / "dat-layouts"
+    path = cache / f"{h.hexdigest()[:24]}.pkl"
+    if path.exists():
+        try:
+            with open(path, "rb") as f:
+                codec = pickle.load(f)
+            if codec.files == sorted(names):
+                return codec
+        except Exception:
+            pass
+    codec = DatCodec(df, names)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(codec, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return codec
+
+
+class FastEmulator(Backend):
+    """The round's QONNX model as a plain ONNX graph in onnxruntime (not bit-exact)."""
+
+    kind = "emulate-fast"
+    mode = FAST_LABEL
+    bit_exact = False
+    accepts = ("onnx",)
+
+    def __init__(self, build: str | os.PathLike | None = None, batch: int = 100, threads: int = 0,
+                 mean=None, std=None, input_shape=(32, 32, 3)):
+        self.build = Path(build) if build else None
+        rec = _build_record(self.build) if self.build else {}
+        if mean is None or std is None:
+            mean, std = rec.get("mean"), rec.get("std")
+            if mean is None or std is None:
+                from .fastonnx import DATASET_STATS
+
+                mean, std = DATASET_STATS[rec.get("dataset", "cifar10")]
+        self.mean, self.std = list(mean), list(std)
+        self.input_shape = tuple(input_shape)
+        self.default_batch = batch
+        self.threads = threads
+        self._model = None  # plain ONNX bytes, batch dimension symbolic
+        self._sess = None
+        self.weight_files = []
+        qonnx = rec.get("model_path")
+        if qonnx and Path(qonnx).exists():
+            self.set_weights("onnx", {"model.onnx": Path(qonnx).read_bytes()})
+
+    def info(self):
+        d = super().info()
+        d.update({"build": str(self.build) if self.build else None, "mean": self.mean, "std": self.std})
+        return d
+
+    def has_weights(self):
+        return self._sess is not None
+
+    def set_weights(self, kind, files):
+        if kind != "onnx":
+            raise BackendError("unsupported", "the fast emulator takes the round's QONNX model ('onnx')")
+        if list(files) != ["model.onnx"]:
+            raise BackendError("bad_request", "an 'onnx' update is one part named model.onnx")
+        from .fastonnx import qonnx_to_ort
+
+        try:
+            model = qonnx_to_ort(bytes(files["model.onnx"]), self.mean, self.std, self.input_shape)
+        except Exception as err:
+            raise BackendError("weights_mismatch", f"cannot run this model: {str(err)[:300]}") from None
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        so.log_severity_level = 3
+        self._sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        self._in = self._sess.get_inputs()[0].name
+        return {"layers": None}
+
+    def infer(self, batch):
+        x = np.asarray(batch, dtype=np.float32)
+        logits = self._sess.run(None, {self._in: x})[0]
+        return np.asarray(logits).reshape(len(x), -1).argmax(1).astype(np.int64)
+
+
+def make_backend(args) -> Backend:
+    """The backend the ``serve`` command line asks for."""
+    if getattr(args, "synthetic", False):
+        return SyntheticBackend(batch=args.batch_size or 100)
+    if getattr(args, "emulate", None):
+        if args.mode == "fast":
+            return FastEmulator(args.emulate, batch=args.batch_size or 100, threads=args.threads)
+        return BitExactEmulator(args.emulate, batch=args.batch_size or 100, engine=args.engine,
+                                cache_dir=args.cache_dir)
+    if getattr(args, "deploy", None):
+        return BoardBackend(args.deploy, batch=args.batch_size or 100, state_dir=args.state_dir,
+                            power=not args.no_power)
+    raise ValueError("give --deploy DIR (board), --emulate BUILD (host) or --synthetic")
+
+
+__all__ = ["Backend", "BackendError", "BitExactEmulator", "BoardBackend", "FastEmulator", "RailMonitor",
+           "SyntheticBackend", "make_backend"]
