@@ -90,3 +90,27 @@ REDUCED_ROWS ?= baseline q8bit q4bit q1bit prune50 prune90
 reduced: install
 	for row in $(REDUCED_ROWS); do $(BIN)/fedfinn run configs/reduced/$$row.toml --skip-done --quiet || exit 1; done
 	$(BIN)/fedfinn report $(addprefix runs/reduced_,$(REDUCED_ROWS)) --out results/reduced
+
+# --- deployment (issue 3) ---
+# A Flower deployment on this machine: a SuperLink and NODES SuperNodes on
+# loopback ports the OS picks, TLS + SuperNode authentication, the ServerApp
+# run through them (training/deploy.py; logs in runs/<name>/deploy/).
+#   make certs [CERTS=build/certs] [NODES=4] [HOSTS="10.0.0.1 link.example"]
+#        CA, SuperLink certificate (localhost + HOSTS), NODES SuperNode key pairs
+#   make federation [CONFIG=configs/quick.toml] [NODES=4] [FED_NAME=federation] [FED_ARGS=...]
+#        uses $(CERTS) when it holds certificates, else makes fresh ones in the run folder
+CERTS ?= build/certs
+NODES ?= 4
+HOSTS ?=
+CONFIG ?= configs/quick.toml
+FED_NAME ?= federation
+FED_ARGS ?= --set federation.fraction_train=1.0
+
+certs: install
+	$(BIN)/python -m training.certs --out $(CERTS) --nodes $(NODES) $(foreach h,$(HOSTS),--host $(h))
+
+federation: install
+	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/fedfinn deploy $(CONFIG) --nodes $(NODES) \
+	  --overwrite --set run.name=$(FED_NAME) $(if $(wildcard $(CERTS)/ca.crt),--certs $(CERTS)) $(FED_ARGS)
+
+.PHONY: certs federation

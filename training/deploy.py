@@ -134,6 +134,16 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    offset: int = 0  # size of the log when this process started (a log may hold earlier attempts)
+
+    def output(self) -> str:
+        """What this process has written to its log so far."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     @property
     def pid(self) -> int:
@@ -143,13 +153,21 @@ class Proc:
         return self.popen.poll() is None
 
 
-def stop_processes(procs: list[Proc], grace: float = 6.0) -> None:
-    """SIGTERM every process group and descendant of ``procs``; SIGKILL what is left after ``grace``."""
+def stop_processes(procs: list[Proc], grace: float = 6.0, also: dict[int, str] | None = None) -> None:
+    """SIGTERM every process group and descendant of ``procs``; SIGKILL what is left after ``grace``.
+
+    ``also``: more processes (pid -> command line seen earlier), e.g. descendants
+    whose parent already died; each is signalled only if its command line is
+    unchanged (so a recycled pid is never hit).
+    """
     table = _proc_table()
     pids: set[int] = set()
     for p in procs:
         pids.add(p.pid)
         pids.update(descendants(p.pid, table))
+    for pid, cmd in (also or {}).items():
+        if pid in table and cmdline(pid) == cmd:
+            pids.add(pid)
     for p in procs:
         try:
             os.killpg(p.pid, signal.SIGTERM)  # each was started in its own session: pgid == pid
@@ -196,14 +214,23 @@ class Deployment:
     fast: bool = True  # fedfinn supernode (warm executor, adaptive polling); False = stock flower-supernode
     certs: Path | None = None  # existing certificates (training.certs layout); None = make fresh ones
     threads: int = 1  # torch threads per ClientApp (fast nodes)
+    poll: float = 0.0  # fast nodes: longest idle wait between two polls of the SuperLink (0 = fastnode's default)
     preload: Path | None = None  # config whose data the fast nodes load before the first message
-    app_dir: Path = REPO
+    app_dir: Path = REPO  # the Flower app (pyproject.toml) that ``flwr run`` bundles
+    cwd: Path = field(default_factory=Path.cwd)  # of every process: the ServerApp resolves run.out_dir here
+    wait_warm: bool = True  # submit only once every fast node has imported torch and loaded its data
     say: object = print
     procs: list[Proc] = field(default_factory=list)
     node_procs: list[Proc] = field(default_factory=list)
     node_ids: dict[int, int] = field(default_factory=dict)  # partition id -> Flower node id
     superlink: Proc | None = None
     port: int = 0
+    known: dict[int, str] = field(default_factory=dict)  # every descendant seen: pid -> command line
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()  # every path handed to Flower must be absolute
+        if self.preload is not None:
+            self.preload = Path(self.preload).resolve()
 
     # -- environment ------------------------------------------------------------
     def _env(self, home: Path, extra: dict | None = None) -> dict:
@@ -213,19 +240,20 @@ class Deployment:
         pack = REPO.parent / "shared" / "data"
         if "FEDFINN_DATA" not in env and (pack / "cifar10-jpeg.npz").exists():
             env["FEDFINN_DATA"] = str(pack)  # the installed FAB does not sit beside ../shared
-        if self.fast:
-            env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # the SuperLink's ServerApp launcher
+        if not self.fast:
+            env.setdefault("FEDFINN_GRID_POLL", "3")  # --plain: Flower's own 3 s reply polling, for comparison
         env.update(extra or {})
         return env
 
     def _spawn(self, name: str, argv: list[str], home: Path) -> Proc:
         log = self.workdir / f"{name}.log"
-        f = open(log, "ab")  # noqa: SIM115 (closed with the deployment)
+        f = open(log, "ab")  # noqa: SIM115 (closed right after the start)
+        offset = f.tell()
         home.mkdir(parents=True, exist_ok=True)
         popen = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 cwd=self.app_dir, env=self._env(home), start_new_session=True)
+                                 cwd=self.cwd, env=self._env(home), start_new_session=True)
         f.close()
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, offset)
         self.procs.append(proc)
         return proc
 
@@ -258,7 +286,7 @@ class Deployment:
             common += ["--insecure"]
         if not self.fast:
             return [_bin("flower-supernode"), *common]
-        own = ["--threads", str(self.threads)]
+        own = ["--threads", str(self.threads)] + (["--poll-max", str(self.poll)] if self.poll else [])
         if self.preload:
             own += ["--preload", str(self.preload)]
         return [sys.executable, "-m", "training.fastnode", *own, *common]
@@ -297,7 +325,7 @@ class Deployment:
                 break
             stop_processes([self.superlink], grace=2)
             self.procs.remove(self.superlink)
-            if attempt == 2 or "address already in use" not in _tail(self.superlink.log).lower():
+            if attempt == 2 or "address already in use" not in self.superlink.output().lower():
                 raise DeployError(f"the SuperLink did not start; {self.superlink.log}:\n{_tail(self.superlink.log)}")
         self.say(f"SuperLink on {LOOPBACK}:{self.port} ({'TLS' if self.tls else 'insecure'}"
                  f"{', SuperNode authentication' if self.auth else ''}), pid {self.superlink.pid}")
@@ -305,13 +333,15 @@ class Deployment:
             self._register_nodes()
         ports = free_ports(self.nodes)
         for i in range(self.nodes):
-            home = self.workdir / "flwr_home" / f"node_{i}"
-            self.node_procs.append(self._spawn(f"supernode_{i}", self.node_argv(i, ports[i]), home))
+            self.node_procs.append(self._spawn_node(i, ports[i]))
         self._wait_nodes(deadline)
         (self.workdir / "nodes.json").write_text(json.dumps(
             {"superlink": f"{LOOPBACK}:{self.port}", "tls": self.tls, "auth": self.auth,
              "nodes": {str(i): nid for i, nid in sorted(self.node_ids.items())}}, indent=2) + "\n")
         self.say(f"{self.nodes} SuperNode(s) connected ({'fedfinn supernode' if self.fast else 'flower-supernode'})")
+
+    def _spawn_node(self, i: int, runtime_port: int) -> Proc:
+        return self._spawn(f"supernode_{i}", self.node_argv(i, runtime_port), self.workdir / "flwr_home" / f"node_{i}")
 
     def _wait_port(self, proc: Proc, deadline: float) -> bool:
         while time.monotonic() < deadline:
@@ -320,7 +350,8 @@ class Deployment:
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=1):
                     pass
-                if "Uvicorn running" in _tail(proc.log, 200) or "Application startup complete" in _tail(proc.log, 200):
+                out = proc.output()
+                if "Uvicorn running" in out or "Application startup complete" in out:
                     return True
             except OSError:
                 pass
@@ -354,17 +385,23 @@ class Deployment:
     def _wait_nodes(self, deadline: float) -> None:
         pattern = re.compile(r"SuperNode ID: (\d+)")
         pending = set(range(self.nodes))
+        retries = {i: 2 for i in pending}  # a runtime port taken between choosing and binding
         while pending:
             for i in list(pending):
                 proc = self.node_procs[i]
-                m = pattern.search(_tail(proc.log, 400))
+                out = proc.output()
+                m = pattern.search(out)
                 ready = m is not None
-                if ready and self.fast and self.preload:
-                    ready = "warm in" in _tail(proc.log, 400)  # the executor has loaded torch and the data
+                if ready and self.fast and self.preload and self.wait_warm:
+                    ready = "warm in" in out  # the executor has loaded torch and the data
                 if ready:
                     self.node_ids[i] = int(m.group(1))
                     pending.discard(i)
                 elif not proc.running():
+                    if retries[i] and "address already in use" in proc.output().lower():
+                        retries[i] -= 1
+                        self.node_procs[i] = self._spawn_node(i, free_ports(1)[0])
+                        continue
                     raise DeployError(f"SuperNode {i} exited at start; {proc.log}:\n{_tail(proc.log)}")
             if pending and time.monotonic() > deadline:
                 raise DeployError(f"SuperNode(s) {sorted(pending)} did not connect in time; see {self.workdir}")
@@ -378,23 +415,44 @@ class Deployment:
         argv = [_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--stream", "--run-config", str(path)]
         return self._spawn("serverapp", argv, self.link_home)
 
+    def remember(self) -> None:
+        """Note every descendant now alive: a process whose parent is killed loses its place in the tree."""
+        table = _proc_table()
+        for proc in self.procs:
+            for pid in descendants(proc.pid, table):
+                if pid not in self.known and table[pid][1] not in ("Z", "X"):
+                    self.known[pid] = cmdline(pid)
+
     def serverapp_pids(self) -> list[int]:
         if self.superlink is None:
             return []
-        table = _proc_table()
-        return [p for p in descendants(self.superlink.pid, table) if "flwr-serverapp" in cmdline(p) and alive(p)]
+        self.remember()
+        return [p for p, cmd in self.known.items() if "flwr-serverapp" in cmd and alive(p) and cmdline(p) == cmd]
 
-    def wait(self, run: Proc, run_dir: Path, timeout: float | None = None, on_tick=None) -> None:
+    def wait(self, run: Proc, run_dir: Path, timeout: float | None = None, on_tick=None, tick: float = 0.5) -> None:
         """Until the run ends; raises DeployError if the ServerApp or the SuperLink dies first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         seen_server, gone_since = False, None
         dead_nodes: set[int] = set()
-        while run.running():
+
+        def superlink_gone(wait: float = 0.0) -> bool:
+            if self.superlink is None:
+                return False
+            try:
+                self.superlink.popen.wait(timeout=wait) if wait else None
+            except subprocess.TimeoutExpired:
+                pass
+            return not self.superlink.running()
+
+        while True:
             if on_tick is not None:
                 on_tick(self)
-            if self.superlink is not None and not self.superlink.running():
+            # the log stream also ends when the SuperLink vanishes: look at the SuperLink first
+            if superlink_gone(wait=0 if run.running() else 0.5):
                 raise DeployError(f"the SuperLink exited (rc {self.superlink.popen.returncode}); "
                                   f"finished rounds are in {run_dir}: continue with --resume")
+            if not run.running():
+                return
             for i, proc in enumerate(self.node_procs):
                 if i not in dead_nodes and not proc.running():
                     dead_nodes.add(i)
@@ -408,7 +466,7 @@ class Deployment:
                                       f"{run_dir}: continue with --resume (log: {run.log})")
             if deadline is not None and time.monotonic() > deadline:
                 raise DeployError(f"the run did not finish within {timeout:g} s")
-            time.sleep(0.25)
+            time.sleep(tick)
 
     def stop(self) -> None:
         previous = signal.getsignal(signal.SIGINT) if _main_thread() else None
@@ -416,10 +474,10 @@ class Deployment:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # teardown is short and bounded: finish it
         try:
             # the nodes and the run first, then the SuperLink (which takes its SuperExec and ServerApp along)
+            self.remember()
             order = [p for p in self.procs if p is not self.superlink]
             stop_processes(order)
-            if self.superlink is not None:
-                stop_processes([self.superlink])
+            stop_processes([self.superlink] if self.superlink is not None else [], also=self.known)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -441,8 +499,14 @@ def _main_thread() -> bool:
 
 def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, overwrite: bool = False,
            resume: bool = False, insecure: bool = False, fast: bool = True, certs: str | None = None,
-           threads: int = 1, timeout: float | None = None, say=print, on_start=None, on_tick=None) -> Path:
-    """Run ``config`` over a local deployment of ``nodes`` SuperNodes; returns the run folder."""
+           threads: int = 1, poll: float = 0.0, timeout: float | None = None, wait_warm: bool = True, say=print,
+           on_start=None, on_tick=None, tick: float = 0.5) -> Path:
+    """Run ``config`` over a local deployment of ``nodes`` SuperNodes; returns the run folder.
+
+    ``wait_warm=False`` submits the run as soon as the nodes are connected, so
+    their warm-up overlaps the ServerApp's start (round 1 then pays the rest).
+    ``on_start(deployment)`` and ``on_tick(deployment)`` (every ``tick`` s) are hooks for tests.
+    """
     from .config import load_config
     from .recorder import prepare_run_dir, read_metrics
 
@@ -454,8 +518,8 @@ def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, ove
     if n != cfg.federation.num_clients:
         say(f"federation.num_clients = {n}: one SuperNode per client")
         extra.append(f"federation.num_clients={n}")
-    out_dir = Path(cfg.run.out_dir).resolve()
-    extra.append(f"run.out_dir={json.dumps(str(out_dir))}")
+    # Every process starts in this folder, so the ServerApp writes runs/<name>/ where `fedfinn run`
+    # would, and the run's config.toml is the same (a run can be resumed under either runtime).
     all_overrides = [*overrides, *extra]
     cfg = load_config(config, all_overrides)
     run_dir = prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
@@ -463,7 +527,11 @@ def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, ove
     if workdir.exists() and not resume:
         shutil.rmtree(workdir)
     if resume and workdir.exists():  # keep the previous attempt's logs beside the new ones
-        old = run_dir / f"deploy.{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp, k = time.strftime("%Y%m%d-%H%M%S"), 1
+        old = run_dir / f"deploy.{stamp}"
+        while old.exists():
+            k += 1
+            old = run_dir / f"deploy.{stamp}.{k}"
         workdir.rename(old)
     workdir.mkdir(parents=True)
     (workdir / "config.toml").write_text(cfg.to_toml())
@@ -473,7 +541,8 @@ def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, ove
         return run_dir
 
     d = Deployment(workdir, n, tls=not insecure, auth=not insecure, fast=fast,
-                   certs=Path(certs) if certs else None, threads=threads, preload=workdir / "config.toml", say=say)
+                   certs=Path(certs) if certs else None, threads=threads, poll=poll, preload=workdir / "config.toml",
+                   wait_warm=wait_warm, say=say)
     run_config = {"config": str(Path(config).resolve()) if config else "", "overrides": ";".join(all_overrides),
                   "resume": bool(resume)}
     try:
@@ -484,7 +553,7 @@ def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, ove
         run = d.submit(run_config)
         say(f"run submitted ({'resuming after round ' + str(done) if resume else 'new'}); "
             f"ServerApp log: {run.log}")
-        d.wait(run, run_dir, timeout=timeout, on_tick=on_tick)
+        d.wait(run, run_dir, timeout=timeout, on_tick=on_tick, tick=tick)
         rows = read_metrics(run_dir)
         if not rows or rows[-1]["round"] != cfg.federation.rounds or not (run_dir / "summary.json").exists():
             raise DeployError(f"the run ended after {len(rows)} of {cfg.federation.rounds} rounds; "
@@ -508,6 +577,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--certs", default=None, help="use these certificates (make certs) instead of fresh ones")
     p.add_argument("--plain", action="store_true", help="stock flower-supernode (a cold ClientApp process per message, 3 s polls)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per ClientApp (default 1)")
+    p.add_argument("--poll", type=float, default=0, help="longest idle wait of a SuperNode between two polls "
+                   "of the SuperLink, seconds (default: training.fastnode.POLL_MAX)")
     p.add_argument("--timeout", type=float, default=0, help="stop everything if the run takes longer (seconds, 0 = none)")
     p.set_defaults(fn=cmd_deploy)
 
@@ -526,6 +597,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     try:
         run_dir = deploy(args.config, args.set, args.nodes, overwrite=args.overwrite, resume=args.resume,
                          insecure=args.insecure, fast=not args.plain, certs=args.certs, threads=args.threads,
+                         poll=args.poll,
                          timeout=args.timeout or None)
     except DeployError as err:
         print(f"fedfinn deploy: error: {err}", file=sys.stderr)
