@@ -12,6 +12,8 @@ HERE = Path(__file__).resolve().parent
 ROWS = [("baseline", {"entropy_coding": False}), ("fp32_zstd", {})]
 ROWS += [(f"prune{p:02d}", {"prune_rate": p / 100}) for p in (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)]
 ROWS += [(f"q{b}bit", {"weight_bits": b}) for b in (8, 4, 1)]
+# FINN-deployable models trained in the same loop (issue 4): (file stem, model name)
+DEPLOYABLE = [("cnv_w2a2", "cnv-w2a2"), ("cnv_w4a4", "cnv-w4a4"), ("resnet12bn_w4a4", "resnet12-bn-w4a4")]
 
 
 def toml(name: str, sections: dict) -> str:
@@ -50,6 +52,15 @@ def main() -> None:
                     "compression": comp,
                 })
     folder = HERE / "reduced"
+    for stem, model in DEPLOYABLE:
+        header = ("# Deployable model (issue 4) at the reduced scale of the study rows beside it: full real\n"
+                  "# CIFAR-10, 10 clients (alpha=100), 4 per round, 1 local epoch, 5 rounds. Weights and\n"
+                  "# activations quantized as the name says; the codec sends the weights at their bit width.")
+        write(folder, header, stem, {
+            "run": {"name": f"reduced_{stem}"},
+            "federation": {"rounds": 5, "backend": "parallel"},
+            "model": {"name": model},
+        })
     for stem, comp in ROWS:
         header = ("# Reduced scale (issue 2): full real CIFAR-10, 10 clients (alpha=100), 4 per round,\n"
                   "# 5,000 images each, 1 local epoch, 5 rounds, full 10,000-image test set.")

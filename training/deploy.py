@@ -237,6 +237,9 @@ class Deployment:
         env = dict(os.environ)
         env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1",
                    FLWR_HOME=str(home))
+        # Flower's processes start their helpers (flower-superexec, flwr-clientapp) by name from
+        # PATH; a venv used without activation (make, CI) is not on it, so put it first.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         pack = REPO.parent / "shared" / "data"
         if "FEDFINN_DATA" not in env and (pack / "cifar10-jpeg.npz").exists():
             env["FEDFINN_DATA"] = str(pack)  # the installed FAB does not sit beside ../shared
