@@ -437,7 +437,7 @@ def summarize(rows: list[dict], key: str = "boards") -> list[dict]:
     for row in rows:
         for e in row.get(key) or []:
             out.append({"round": row.get("round"), "board": e.get("board"), "ok": e.get("ok"),
-                        "host_accuracy": row.get("test_accuracy", row.get("accuracy")), "board_accuracy": e.get("accuracy"),
+                        "host_accuracy": row.get("boards_host_accuracy", row.get("test_accuracy", row.get("accuracy"))), "board_accuracy": e.get("accuracy"),
                         "images_per_s": e.get("images_per_s"), "latency_ms_p50": e.get("latency_ms_p50"),
                         "power_w": e.get("power_w"), "mode": e.get("mode"), "error": e.get("error")})
     return out

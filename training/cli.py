@@ -27,8 +27,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume)
     plot_run(run_dir)
     print(markdown_table([summarize(run_dir)]))
+    _print_boards([run_dir])
     print(f"run folder: {run_dir}")
     return 0
+
+
+def _print_boards(run_dirs) -> None:
+    """The on-device table of the runs that measured their rounds on boards."""
+    from client_pynq.host import table
+
+    from .recorder import read_metrics
+
+    for run_dir in run_dirs:
+        rows = read_metrics(Path(run_dir))
+        if any(r.get("boards") for r in rows):
+            print(f"on-device ({Path(run_dir).name}):\n{table(rows)}\n")
 
 
 def _finished(cfg) -> bool:
@@ -43,6 +56,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     paths = write_report(args.runs, args.out)
     print(markdown_table([summarize(r) for r in args.runs]))
+    _print_boards(args.runs)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

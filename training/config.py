@@ -82,6 +82,19 @@ class RunSection:
 
 
 @dataclass
+class HardwareConfig:
+    """Boards (PYNQ agents or emulators, ``python -m client_pynq serve``) that measure each round's model."""
+
+    boards: list = field(default_factory=list)  # "host:port" of each board agent; empty = no measurement
+    build: str = ""  # the `fedfinn hw build` folder (runtime-weight files for bit-exact boards need it)
+    token_file: str = ""  # file holding the agents' shared token (never the token itself in a config)
+    images: int = 1000  # test images sent to the boards (the first N of the run's test set; 0 = all)
+    batch_size: int = 0  # images per accelerator call (0 = the board's default)
+    every: int = 1  # measure every k rounds (and the last)
+    timeout: float = 120.0  # seconds per board request
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -89,6 +102,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     run: RunSection = field(default_factory=RunSection)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +196,21 @@ def validate(cfg: RunConfig) -> None:
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
     _check(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
     _check(r.export_every >= 0, "run.export_every", "must be >= 0 (0 = never)")
+    validate_hardware(cfg.hardware)
+
+
+def validate_hardware(h: HardwareConfig) -> None:
+    for b in h.boards:
+        _check(isinstance(b, str) and _is_address(b), "hardware.boards", f"entries must be \"host:port\", got {b!r}")
+    _check(h.images >= 0, "hardware.images", "must be >= 0 (0 = all)")
+    _check(h.batch_size >= 0, "hardware.batch_size", "must be >= 0 (0 = the board's default)")
+    _check(h.every >= 1, "hardware.every", "must be >= 1")
+    _check(h.timeout > 0, "hardware.timeout", "must be > 0")
+
+
+def _is_address(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -3,7 +3,9 @@
 ``fedfinn report RUN...`` reads each run's config and metrics and writes the
 poster's table (technique, final test accuracy, message MiB up and down) as
 markdown and CSV, a plot of accuracy against round for every run and a plot
-of accuracy against uplink message size.
+of accuracy against uplink message size. Runs that measured their rounds on
+boards (``[hardware]``) also get ``boards.md`` / ``boards.csv`` (on-device
+accuracy and images/s per round and board) and ``boards_<run>.png``.
 """
 
 from __future__ import annotations
@@ -100,6 +102,38 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, P
         w.writerows(_row(s) for s in summaries)
     plot_curves(summaries, paths["curves"])
     plot_pareto(summaries, paths["pareto"])
+    paths.update(write_board_report(run_dirs, out))
+    return paths
+
+
+BOARD_COLUMNS = ("run", "round", "board", "ok", "host_accuracy", "board_accuracy", "images_per_s",
+                 "latency_ms_p50", "power_w", "mode", "error")
+
+
+def write_board_report(run_dirs: list[str | Path], out: Path) -> dict[str, Path]:
+    """On-device figures of the runs that have them (nothing is written for runs without boards)."""
+    from client_pynq.host import plot as plot_boards
+    from client_pynq.host import summarize as board_records
+    from client_pynq.host import table as board_table
+
+    measured = []
+    for run_dir in run_dirs:
+        rows = read_metrics(Path(run_dir))
+        if any(row.get("boards") for row in rows):
+            measured.append((Path(run_dir).name, rows))
+    if not measured:
+        return {}
+    paths = {"boards_markdown": out / "boards.md", "boards_csv": out / "boards.csv"}
+    paths["boards_markdown"].write_text("".join(f"## {name}\n\n{board_table(rows)}\n\n" for name, rows in measured))
+    with open(paths["boards_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BOARD_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for name, rows in measured:
+            w.writerows({"run": name, **rec} for rec in board_records(rows))
+    for name, rows in measured:
+        png = plot_boards(rows, out / f"boards_{name}.png")
+        if png is not None:
+            paths[f"boards_plot_{name}"] = png
     return paths
 
 
@@ -146,7 +180,12 @@ def plot_pareto(summaries: list[RunSummary], path: Path) -> None:
 
 
 def plot_run(run_dir: str | Path) -> Path:
-    """accuracy.png inside the run folder."""
+    """accuracy.png inside the run folder (and boards.png where the rounds were measured on boards)."""
     path = Path(run_dir) / "accuracy.png"
     plot_curves([summarize(run_dir)], path)
+    rows = read_metrics(Path(run_dir))
+    if any(r.get("boards") for r in rows):
+        from client_pynq.host import plot as plot_boards
+
+        plot_boards(rows, Path(run_dir) / "boards.png")
     return path

@@ -126,6 +126,9 @@ def serve(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = Fals
         record = round_record(stats, acc, loss)
         if cfg.run.export_every and (last or stats.round % cfg.run.export_every == 0):
             record["export"] = export_global_model(cfg, run_dir, stats.round, strategy.last_down)
+        hw = cfg.hardware
+        if hw.boards and (last or stats.round % hw.every == 0):
+            record.update(measure_on_boards(cfg, stats.round, strategy.last_down, x_test, y_test, acc))
         append_jsonl(run_dir / "metrics.jsonl", record)
         bar.update(1)
         bar.set_postfix(acc=f"{acc:.3f}", up=f"{record['mib_up_mean'] or 0:.3f}MiB", down=f"{record['mib_down']:.3f}MiB")
@@ -221,3 +224,45 @@ def export_global_model(cfg: RunConfig, run_dir: Path, server_round: int, blob: 
     except Exception as err:  # an export problem is logged beside the round, training goes on
         log.warning("round %d: export failed: %s", server_round, err)
         return {"error": f"{type(err).__name__}: {err}"}
+
+
+def measure_on_boards(cfg: RunConfig, server_round: int, blob: bytes, x_test, y_test, acc: float) -> dict:
+    """The round's global model on every board of ``[hardware]``: weights sent, test images evaluated.
+
+    Returns the round record's ``boards`` (one entry per board, client_pynq.host's
+    fields) and ``boards_host_accuracy`` (the PyTorch model's accuracy on the same
+    images, the figure a bit-exact board must reproduce). A board that is
+    unreachable or fails is logged and its entry says why; training goes on.
+    """
+    from client_pynq.host import measure_round
+
+    from .compress import message_to_model
+    from .task import make_model
+
+    hw = cfg.hardware
+    n = hw.images or len(y_test)
+    images, labels = x_test[:n], y_test[:n]
+    t0 = time.perf_counter()
+    try:
+        model = make_model(cfg)
+        message_to_model(model, blob)
+        token = Path(hw.token_file).read_text().strip() if hw.token_file else None
+    except Exception as err:  # a missing token file or a model that will not load: logged, training goes on
+        log.warning("round %d: boards not measured: %s", server_round, err)
+        return {"boards": [{"board": b, "ok": False, "round": server_round, "stage": "prepare",
+                            "error": f"{type(err).__name__}: {err}"} for b in hw.boards]}
+    entries = measure_round(hw.boards, model, images=images, labels=labels, build=hw.build or None,
+                            round=server_round, token=token, batch_size=hw.batch_size or None, timeout=hw.timeout)
+    for e in entries:
+        if not e.get("ok"):
+            log.warning("round %d: board %s failed at %s: %s", server_round, e.get("board"), e.get("stage"),
+                        e.get("error"))
+    host = acc if n == len(y_test) else _host_accuracy(cfg, model, images, labels)
+    return {"boards": entries, "boards_host_accuracy": host,
+            "seconds_boards": round(time.perf_counter() - t0, 3)}
+
+
+def _host_accuracy(cfg: RunConfig, model, images, labels) -> float:
+    d = dataset(cfg)
+    _, acc = loop.evaluate(model, images, labels, batch_size=cfg.run.eval_batch_size, mean=d.mean, std=d.std)
+    return acc
