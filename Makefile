@@ -11,6 +11,8 @@ help:
 	@echo "make quick     install into $(VENV) and run the small federated job on real CIFAR-10"
 	@echo "make test      install and run the test suite"
 	@echo "make bench     overhead benchmark (reduced scale, ~15 min on 2 cores)"
+	@echo "make study-small  every poster row + beyond, small scale (< 2 h on 2 cores) -> results/study-small"
+	@echo "make study-paper  the same at paper scale (GPU-sized) -> results/study-paper"
 
 # torch is pinned in pyproject.toml to the CPU build; a user with a GPU
 # installs their own torch into the venv first.
@@ -90,6 +92,26 @@ REDUCED_ROWS ?= baseline q8bit q4bit q1bit prune50 prune90
 reduced: install
 	for row in $(REDUCED_ROWS); do $(BIN)/fedfinn run configs/reduced/$$row.toml --skip-done --quiet || exit 1; done
 	$(BIN)/fedfinn report $(addprefix runs/reduced_,$(REDUCED_ROWS)) --out results/reduced
+
+# --- the study (issue 7) ---
+# study-small: every row of the poster's CIFAR-10 table, plus pruning+quantization and heterogeneous
+# clients, at a scale that runs in < 2 h on 2 cores (configs/study/small/: 1,000 images per client,
+# 15 rounds, 5,000 test images). One command per configuration (each skipped when finished, resumed
+# when started: stop it any time and run it again), then one report into results/study-small/.
+# study-paper: the same rows at paper scale (100 rounds, full data, 1 and 10 local epochs; GPU-sized).
+STUDY_SMALL := $(sort $(basename $(notdir $(wildcard configs/study/small/*.toml))))
+STUDY_PAPER_DIRS ?= cifar10_e1 cifar10_e10
+study-small: install
+	for row in $(STUDY_SMALL); do $(BIN)/fedfinn run configs/study/small/$$row.toml --continue --quiet || exit 1; done
+	$(BIN)/fedfinn study $(addprefix runs/study_small_,$(STUDY_SMALL)) --out results/study-small \
+	  --title "study-small (issue 7)"
+
+study-paper: install
+	for d in $(STUDY_PAPER_DIRS); do for f in configs/paper/$$d/*.toml configs/paper/$${d}_beyond/*.toml; do \
+	  $(BIN)/fedfinn run $$f --continue --quiet || exit 1; done; \
+	  $(BIN)/fedfinn study runs/paper_$${d}_* --out results/study-paper/$$d --title "study-paper $$d"; done
+
+.PHONY: study-small study-paper
 
 # --- deployment (issue 3) ---
 # A Flower deployment on this machine: a SuperLink and NODES SuperNodes on

@@ -12,6 +12,15 @@ HERE = Path(__file__).resolve().parent
 ROWS = [("baseline", {"entropy_coding": False}), ("fp32_zstd", {})]
 ROWS += [(f"prune{p:02d}", {"prune_rate": p / 100}) for p in (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)]
 ROWS += [(f"q{b}bit", {"weight_bits": b}) for b in (8, 4, 1)]
+# Beyond the poster (issue 7): pruning + quantization + entropy coding in both directions, and
+# heterogeneous clients (a bit width per client, by partition id; the server's model at 8 bits)
+BEYOND = [("q8_prune90", {"weight_bits": 8, "prune_rate": 0.9}),
+          ("q4_prune70", {"weight_bits": 4, "prune_rate": 0.7}),
+          ("q4_prune80", {"weight_bits": 4, "prune_rate": 0.8}),
+          ("hetero_841", {"weight_bits": 8, "client_bits": [8, 4, 1]})]
+# The small study (make study-small): every row at a scale that runs in < 2 h on 2 cores
+SMALL = {"data": {"images_per_client": 1000, "test_images": 5000},
+         "federation": {"rounds": 15, "backend": "parallel"}}
 # FINN-deployable models trained in the same loop (issue 4): (file stem, model name)
 DEPLOYABLE = [("cnv_w2a2", "cnv-w2a2"), ("cnv_w4a4", "cnv-w4a4"), ("resnet12bn_w4a4", "resnet12-bn-w4a4")]
 
@@ -25,6 +34,8 @@ def toml(name: str, sections: dict) -> str:
         for k, v in values.items():
             if isinstance(v, bool):
                 lines.append(f"{k} = {str(v).lower()}")
+            elif isinstance(v, list):
+                lines.append(f"{k} = [{', '.join(map(str, v))}]")
             else:
                 lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
         lines.append("")
@@ -46,6 +57,29 @@ def main() -> None:
                           f"# 100 rounds, {epochs} local epoch(s), lr 0.0316, batch 20. GPU-sized: see README.")
                 write(folder, header, stem, {
                     "run": {"name": name},
+                    "data": {"dataset": dataset},
+                    "federation": {"rounds": 100, "backend": "ray"},
+                    "train": {"local_epochs": epochs},
+                    "compression": comp,
+                })
+    folder = HERE / "study" / "small"
+    for stem, comp in ROWS + BEYOND:
+        header = ("# Small study (issue 7, make study-small): real CIFAR-10 (JPEG pack), 10 clients (alpha=100),\n"
+                  "# 4 per round, 1,000 images each, 1 local epoch, 15 rounds, 5,000 test images.")
+        write(folder, header, stem, {
+            "run": {"name": f"study_small_{stem}"},
+            "data": SMALL["data"],
+            "federation": SMALL["federation"],
+            "compression": comp,
+        })
+    for dataset in ("cifar10",):
+        for epochs in (1, 10):
+            folder = HERE / "paper" / f"{dataset}_e{epochs}_beyond"
+            for stem, comp in BEYOND:
+                header = (f"# Beyond the poster (issue 7) at paper scale: {dataset}, 10 clients (LDA alpha=100), 40% per\n"
+                          f"# round, 100 rounds, {epochs} local epoch(s), lr 0.0316, batch 20. GPU-sized: see README.")
+                write(folder, header, stem, {
+                    "run": {"name": f"paper_{dataset}_e{epochs}_{stem}"},
                     "data": {"dataset": dataset},
                     "federation": {"rounds": 100, "backend": "ray"},
                     "train": {"local_epochs": epochs},

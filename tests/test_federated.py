@@ -202,3 +202,26 @@ def test_deployable_model_trains_federated_and_exports_every_round(tmp_path, cif
     for r in (1, 2):
         assert (cfg.run_dir / "qonnx" / f"round_{r:03d}.onnx").exists()
         assert "error" not in rows[r - 1]["export"]
+
+
+def test_heterogeneous_client_bits(tmp_path, cifar10):
+    """compression.client_bits = [8, 4, 1]: client p trains and sends at bits[p % 3]; the server
+    averages the decoded (dequantized) weights and sends its 8-bit model; a reply at the wrong
+    bit width for its client is rejected."""
+    cfg = tiny(tmp_path, "het", "federation.rounds=1", "federation.num_clients=3", "federation.fraction_train=1.0",
+               "compression.weight_bits=8", "compression.client_bits=[8, 4, 1]")
+    row = read_metrics(run(cfg, progress=False))[0]
+    by_client = dict(zip(row["clients"], zip(row["bits_up"], row["bytes_up"])))
+    assert {p: b for p, (b, _) in by_client.items()} == {0: 8, 1: 4, 2: 1}
+    assert by_client[2][1] < by_client[1][1] < by_client[0][1]  # 1-bit < 4-bit < 8-bit messages
+    # the 1-bit client's conv weights on the wire hold two values per tensor (+-scale)
+    blob = codec.decode(model_to_message(make_model(cfg, bits=1), None))
+    conv = next(t for name, t in blob.items() if "conv" in name and name.endswith("weight"))
+    assert isinstance(conv, codec.QTensor) and conv.bits == 1
+    strategy = CompressedFedAvg(cfg)
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    bad = _reply(msg, model_to_message(make_model(cfg, bits=4), None), **{"partition-id": 2, "weight-bits": 4})
+    with pytest.raises(ValueError, match="client 2 sent 4-bit weights, configured 1"):
+        strategy._check_reply(bad)
+    with pytest.raises(Exception, match="client_bits"):
+        tiny(tmp_path, "x", "compression.client_bits=[8, 3]")

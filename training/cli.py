@@ -17,9 +17,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import run
 
     cfg = load_config(args.config, args.set)
-    if args.skip_done and _finished(cfg):
+    if (args.skip_done or args.cont) and _finished(cfg):
         print(f"{cfg.run_dir}: all {cfg.federation.rounds} rounds done; skipped")
         return 0
+    if args.cont and (cfg.run_dir / "metrics.jsonl").exists() and (cfg.run_dir / "config.toml").exists():
+        args.resume = True  # a study interrupted half-way: go on from the last checkpoint
     if args.threads:
         import torch
 
@@ -62,6 +64,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from .study import write_study
+
+    links = tuple(float(x) for x in args.links.split(",") if x.strip())
+    if not links or any(x <= 0 for x in links):
+        raise ValueError(f"--links must be positive Mbit/s rates, got {args.links!r}")
+    paths = write_study([r for r in args.runs if Path(r, "metrics.jsonl").exists()] or args.runs, args.out,
+                        links=links, title=args.title)
+    print(paths["summary"].read_text())
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedfinn", description="Federated learning with compressed messages, on to FPGA boards.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -72,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
     r.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     r.add_argument("--skip-done", action="store_true", help="do nothing if this run already finished all its rounds")
+    r.add_argument("--continue", dest="cont", action="store_true",
+                   help="skip a finished run, resume a started one, else start (what `make study-*` uses)")
     r.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)
@@ -80,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     rep.add_argument("--out", default="results/report", help="output folder")
     rep.set_defaults(fn=cmd_report)
+
+    st = sub.add_parser("study", help="the poster's table, figures and cost model from finished runs")
+    st.add_argument("runs", nargs="+", help="run folders (runs/<name>); one must be the fp32 row")
+    st.add_argument("--out", default="results/study", help="output folder")
+    st.add_argument("--links", default="1,10", help="link rates of the cost model, Mbit/s, comma-separated")
+    st.add_argument("--title", default="fedfinn study")
+    st.set_defaults(fn=cmd_study)
 
     from export.cli import add_parser as add_export_parser  # `fedfinn export RUN [--round N]`
     from hw.cli import add_parser as add_hw_parser  # `fedfinn hw ...`; finn is imported only when a hw command runs

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from . import loop
 from .compress import message_to_model, model_to_message
 from .pruning import prune_
-from .task import client_data, client_seed, config_from_record, dataset, make_model, pack, unpack
+from .task import client_data, client_seed, client_weight_bits, config_from_record, dataset, make_model, pack, unpack
 
 app = ClientApp()
 
@@ -33,7 +33,8 @@ def train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     down = unpack(msg.content["arrays"])
-    model = make_model(cfg)
+    bits = client_weight_bits(cfg, partition_id)
+    model = make_model(cfg, bits=bits)  # the global model's float values become this client's latent weights
     message_to_model(model, down)
     t_decode = time.perf_counter() - t0
 
@@ -54,6 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord({
         "num-examples": result.examples,
         "partition-id": partition_id,
+        "weight-bits": bits,
         "train-loss": result.loss,
         "train-accuracy": result.accuracy,
         "train-seconds": result.seconds,

@@ -65,6 +65,10 @@ class ModelConfig:
 @dataclass
 class CompressionConfig:
     weight_bits: int = 32  # 32 (float), 8, 4, 1 (study model)
+    # heterogeneous clients: weight bits per client, by partition id, repeated (e.g. [8, 4, 1]: client 0 at
+    # 8 bits, 1 at 4, 2 at 1, 3 at 8, ...); empty = every client at weight_bits. The server's model (and so
+    # the downlink) stays at weight_bits.
+    client_bits: list = field(default_factory=list)
     prune_rate: float = 0.0  # fraction of conv/linear weights zeroed, in [0, 1)
     prune_scope: str = "global"  # global threshold | layer (per-layer threshold)
     downlink: str = "same"  # same: the server compresses the global model like the clients | fp32
@@ -188,6 +192,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'model.name' {err}") from None
     _check(c.weight_bits in SUPPORTED_WEIGHT_BITS, "compression.weight_bits",
            f"must be one of {', '.join(map(str, SUPPORTED_WEIGHT_BITS))}, got {c.weight_bits}")
+    for b in c.client_bits:
+        _check(isinstance(b, int) and not isinstance(b, bool) and b in SUPPORTED_WEIGHT_BITS, "compression.client_bits",
+               f"entries must be one of {', '.join(map(str, SUPPORTED_WEIGHT_BITS))}, got {b!r}")
+    _check(not c.client_bits or cfg.model.name == "resnet12", "compression.client_bits",
+           "applies to the study model (resnet12); a deployable model's bits come from its name")
     _check(0 <= c.prune_rate < 1, "compression.prune_rate", f"must be in [0, 1), got {c.prune_rate}")
     _check(c.prune_scope in ("global", "layer"), "compression.prune_scope", "must be global or layer")
     _check(c.downlink in ("same", "fp32"), "compression.downlink", f"must be same or fp32, got {c.downlink!r}")

@@ -66,6 +66,7 @@ def round_record(stats, accuracy: float, loss: float) -> dict:
         "sampled_nodes": stats.sampled,
         "rejected": stats.rejected,
         "bytes_up": up,
+        "bits_up": getattr(stats, "bits_up", []),
         "bytes_down": stats.bytes_down,
         "mib_up_mean": mib(sum(up) / len(up)) if up else None,
         "mib_down": mib(stats.bytes_down),

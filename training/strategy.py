@@ -50,6 +50,7 @@ class RoundStats:
     clients: list[int] = field(default_factory=list)  # partition ids of accepted replies
     rejected: list[dict] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
+    bits_up: list[int] = field(default_factory=list)  # weight bits of each accepted reply
     bytes_down: int = 0
     train_loss: float = math.nan
     train_accuracy: float = math.nan
@@ -120,6 +121,14 @@ class CompressedFedAvg(FedAvg):
         n = metrics.get("num-examples")
         if not isinstance(n, int) or not 0 < n <= MAX_EXAMPLES:
             raise ValueError(f"bad num-examples {n!r}")
+        c = self.cfg.compression
+        if c.client_bits:  # heterogeneous clients: each must send at its own configured bit width
+            pid, bits = metrics.get("partition-id"), metrics.get("weight-bits")
+            if not isinstance(pid, int) or not 0 <= pid < self.cfg.federation.num_clients:
+                raise ValueError(f"bad partition-id {pid!r}")
+            if bits != c.client_bits[pid % len(c.client_bits)]:
+                raise ValueError(f"client {pid} sent {bits!r}-bit weights, configured "
+                                 f"{c.client_bits[pid % len(c.client_bits)]}")
         blob = unpack(content.array_records["arrays"])
         try:
             values = decode_for(self.template, blob)
@@ -156,6 +165,7 @@ class CompressedFedAvg(FedAvg):
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)
         stats.clients = [int(m.get("partition-id", -1)) for m in metrics]
         stats.bytes_up = [int(m["bytes-up"]) for m in metrics]
+        stats.bits_up = [int(m.get("weight-bits", self.cfg.compression.weight_bits)) for m in metrics]
         stats.train_loss = float(np.average([m["train-loss"] for m in metrics], weights=weights))
         stats.train_accuracy = float(np.average([m["train-accuracy"] for m in metrics], weights=weights))
         for key in ("train-seconds", "encode-seconds", "decode-seconds"):

@@ -89,10 +89,17 @@ def num_classes(cfg: RunConfig) -> int:
     return 100 if cfg.data.dataset == "cifar100" else 10
 
 
-def make_model(cfg: RunConfig, seed: int | None = None) -> torch.nn.Module:
-    """A fresh model of the run; seeded so every process builds the same init."""
+def make_model(cfg: RunConfig, seed: int | None = None, bits: int | None = None) -> torch.nn.Module:
+    """A fresh model of the run (at ``bits`` weight bits, default the run's); seeded so every process
+    builds the same init."""
     torch.manual_seed(cfg.federation.seed if seed is None else seed)
-    return build_model(cfg.model.name, num_classes(cfg), cfg.compression.weight_bits)
+    return build_model(cfg.model.name, num_classes(cfg), cfg.compression.weight_bits if bits is None else bits)
+
+
+def client_weight_bits(cfg: RunConfig, partition_id: int) -> int:
+    """The weight bits client ``partition_id`` trains and sends at (``compression.client_bits``)."""
+    c = cfg.compression
+    return c.client_bits[partition_id % len(c.client_bits)] if c.client_bits else c.weight_bits
 
 
 def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:

@@ -1,0 +1,80 @@
+"""The study writer (fedfinn study): tables, figures and cost model from real tiny runs."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from training.config import load_config
+from training.recorder import read_metrics
+from training.runner import run
+from training.study import load_run, pareto_front, round_seconds, smallest_within, write_study
+
+TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_clients=5", "federation.rounds=3",
+        "federation.backend=\"inprocess\""]
+
+
+@pytest.fixture(scope="module")
+def study_runs(tmp_path_factory, cifar10):
+    tmp = tmp_path_factory.mktemp("study")
+    rows = {"baseline": ["compression.entropy_coding=false"], "fp32_zstd": [], "q4bit": ["compression.weight_bits=4"],
+            "q4_prune70": ["compression.weight_bits=4", "compression.prune_rate=0.7"]}
+    dirs = []
+    for row, extra in rows.items():
+        cfg = load_config(None, [*TINY, *extra, f"run.out_dir=\"{tmp}\"", f"run.name=\"study_small_{row}\""])
+        dirs.append(run(cfg, progress=False))
+    return tmp, dirs
+
+
+def test_study_writes_the_table_figures_and_cost_model(study_runs):
+    tmp, dirs = study_runs
+    paths = write_study(dirs, tmp / "out", links=(1.0, 10.0), title="tiny")
+    for key in ("table_md", "table_csv", "curves", "pruning", "pareto", "cost_md", "cost_csv", "cost_png", "summary"):
+        assert paths[key].exists() and paths[key].stat().st_size > 100, key
+    rows = {r["row"]: r for r in csv.DictReader(open(paths["table_csv"]))}
+    assert set(rows) == {"baseline", "fp32_zstd", "q4bit", "q4_prune70"}
+    # lossless zstd trains exactly like the uncompressed baseline: same accuracy, smaller message
+    assert rows["baseline"]["accuracy_%"] == rows["fp32_zstd"]["accuracy_%"]
+    assert float(rows["fp32_zstd"]["mib_up"]) < float(rows["baseline"]["mib_up"])
+    assert abs(float(rows["baseline"]["mib_up"]) - 2.976) < 0.03 and rows["baseline"]["poster_mib"] == "2.976"
+    assert float(rows["q4_prune70"]["mib_up"]) < float(rows["q4bit"]["mib_up"]) < float(rows["fp32_zstd"]["mib_up"])
+    x = float(rows["baseline"]["mib_up"]) / float(rows["q4bit"]["mib_up"])
+    assert abs(float(rows["q4bit"]["x_smaller_up"]) - x) < 0.06
+    text = paths["table_md"].read_text()
+    assert "JPEG" in text and "5 clients" in text and "cores" in text  # data, scale and machine are stated
+    cost = {r["row"]: r for r in csv.DictReader(open(paths["cost_csv"]))}
+    # a slower link costs more per round, and more for bigger messages
+    assert float(cost["baseline"]["s_per_round_1mbit"]) > float(cost["baseline"]["s_per_round_10mbit"])
+    gap = lambda r: float(cost[r]["s_per_round_1mbit"]) - float(cost[r]["s_per_round_10mbit"])  # noqa: E731
+    assert gap("baseline") > gap("q4_prune70") > 0
+    assert "Smallest message within 1 point" in paths["summary"].read_text() or "No technique" in \
+        paths["summary"].read_text()
+
+
+def test_cost_model_and_selection_by_hand(study_runs):
+    _, dirs = study_runs
+    runs = [load_run(d) for d in dirs]
+    row = read_metrics(dirs[0])[0]
+    s = row["seconds"]
+    compute = (s["client_train_max"] + s["client_encode_max"] + s["client_decode_max"] + s["server_decode"]
+               + s["aggregate"] + s["server_encode"] + s["evaluate"])
+    bits = 8 * (row["bytes_down"] + max(row["bytes_up"]))
+    assert round_seconds(row, 1.0) == pytest.approx(compute + bits / 1e6)
+    assert round_seconds(row, 10.0) == pytest.approx(compute + bits / 1e7)
+    best = smallest_within(runs, points=100.0)  # everything qualifies: the smallest message wins
+    assert best.row == "q4_prune70"
+    front = pareto_front(runs)
+    assert best in front and all(r in runs for r in front)
+    assert next(r for r in runs if r.row == "baseline") not in front  # fp32_zstd: same accuracy, smaller
+
+
+def test_study_cli_and_missing_reference(study_runs, tmp_path):
+    tmp, dirs = study_runs
+    out = subprocess.run([sys.executable, "-m", "training.cli", "study", *map(str, dirs[2:]), "--out",
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert out.returncode == 2 and "fp32 run" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "training.cli", "study", *map(str, dirs), "--out",
+                          str(tmp_path / "y"), "--links", "2.5"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "s_per_round_2.5mbit" in (tmp_path / "y" / "cost.csv").read_text()

@@ -1,0 +1,368 @@
+"""The study: the poster's table regenerated from finished runs, then the figures beyond it.
+
+``fedfinn study OUT RUN...`` (``make study-small`` / ``make study-paper``) reads
+finished runs (their ``config.toml`` and ``metrics.jsonl``) and writes to OUT:
+
+* ``table.md`` / ``table.csv``: one row per run: technique, final test accuracy
+  (and the mean of the last three rounds, less noisy at small scale), its
+  difference to the fp32 run, the measured message MiB up (mean per client) and
+  down, the poster's message size where the poster gives one, and the
+  compression factor against the uncompressed fp32 message;
+* ``accuracy_vs_round.png``: the poster's left figure (one curve per run);
+* ``accuracy_vs_pruning.png``: the poster's right figure (accuracy against
+  pruning rate, fp32 at 0);
+* ``pareto.png``: accuracy against uplink message size, the Pareto front marked;
+* ``cost.md`` / ``cost.csv`` / ``cost.png``: a cost model, per round
+  ``client compute + server time + (bytes down + bytes up) / link rate`` (each
+  client on its own link; the round waits for the slowest client), at the link
+  rates asked for, and time-to-accuracy: the modelled time until the global
+  model first reaches the target accuracy;
+* ``summary.md``: what ran where (machine, scale, data), the ordering of the
+  techniques, and the smallest message within 1 point of the fp32 run.
+
+Every figure is computed from the runs' own JSON lines; nothing is typed in
+except the poster's published message sizes (``POSTER_MIB``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .codec import mib
+from .recorder import read_metrics
+from .report import _pyplot, technique
+
+#: Message sizes the poster gives (MiB), by row; its accuracies are not available to us.
+POSTER_MIB = {"baseline": 2.976, "q8bit": 0.76, "q4bit": 0.39, "q1bit": 0.11, "prune90": 0.37, "prune99": 0.05}
+
+DATA_NOTE = ("CIFAR-10 from the bundled pack (../shared/data/cifar10-jpeg.npz): the official images "
+             "JPEG-recompressed, so accuracies are a little below those on the original PNG-exact data")
+
+
+@dataclass
+class StudyRun:
+    row: str  # the config's stem: baseline, prune90, q4bit, ...
+    technique: str
+    cfg: dict
+    rows: list[dict] = field(repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return self.rows[-1]["test_accuracy"]
+
+    @property
+    def accuracy_last3(self) -> float:
+        last = self.rows[-3:]
+        return sum(r["test_accuracy"] for r in last) / len(last)
+
+    @property
+    def mib_up(self) -> float:
+        ups = [b for r in self.rows for b in r["bytes_up"]]
+        return mib(sum(ups) / len(ups)) if ups else math.nan
+
+    @property
+    def mib_down(self) -> float:
+        return mib(sum(r["bytes_down"] for r in self.rows) / len(self.rows))
+
+    @property
+    def prune_rate(self) -> float:
+        return float(self.cfg.get("compression", {}).get("prune_rate", 0.0))
+
+    @property
+    def bits(self) -> int:
+        return int(self.cfg.get("compression", {}).get("weight_bits", 32))
+
+    @property
+    def quantized(self) -> bool:
+        c = self.cfg.get("compression", {})
+        return self.bits != 32 or bool(c.get("client_bits"))
+
+
+def load_run(run_dir: str | Path) -> StudyRun:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg = tomllib.loads(cfg_path.read_text())
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir} has no finished round")
+    name = cfg["run"]["name"]
+    row = name  # the config's stem, after the prefix generate.py puts in front of it
+    if name.startswith("study_small_"):
+        row = name[len("study_small_"):]
+    elif name.startswith("paper_"):
+        row = name.split("_", 3)[-1]  # paper_cifar10_e1_<row>
+    tech = technique(cfg)
+    bits = cfg.get("compression", {}).get("client_bits")
+    if bits:
+        tech = f"clients at {'/'.join(map(str, bits))} bits, server {cfg['compression'].get('weight_bits', 32)}"
+    return StudyRun(row, tech, cfg, rows)
+
+
+def reference(runs: list[StudyRun]) -> StudyRun:
+    """The fp32 run everything is compared with: fp32 + zstd (lossless) if present, else the baseline."""
+    for row in ("fp32_zstd", "baseline"):
+        for r in runs:
+            if r.row == row:
+                return r
+    raise ValueError("the study needs the fp32 run (row fp32_zstd or baseline) to compare with")
+
+
+def uncompressed_mib(runs: list[StudyRun]) -> float:
+    for r in runs:
+        if r.row == "baseline":
+            return r.mib_up
+    return 2.976  # the study model's fp32 size (the poster's)
+
+
+def scale_text(run: StudyRun) -> str:
+    d, f, t = run.cfg.get("data", {}), run.cfg.get("federation", {}), run.cfg.get("train", {})
+    per_client = d.get("images_per_client") or "all (5,000)"
+    frac = f.get("fraction_train", 0.4)
+    n = f.get("num_clients", 10)
+    return (f"{d.get('dataset', 'cifar10')}, {n} clients (LDA alpha={d.get('alpha', 100)}), "
+            f"{max(1, int(n * frac + 1e-9))} per round, {per_client} images per client, "
+            f"{t.get('local_epochs', 1)} local epoch(s), {f.get('rounds')} rounds, "
+            f"{d.get('test_images') or 'all 10,000'} test images")
+
+
+def machine_text() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, CPU only"
+
+
+# ----------------------------------------------------------------------------- the poster's table
+
+
+TABLE_COLUMNS = ("row", "technique", "accuracy_%", "last3_mean_%", "delta_vs_fp32_pts", "mib_up", "mib_down",
+                 "poster_mib", "x_smaller_up", "rounds")
+
+
+def table_rows(runs: list[StudyRun]) -> list[dict]:
+    ref, full = reference(runs), uncompressed_mib(runs)
+    out = []
+    for r in runs:
+        out.append({
+            "row": r.row, "technique": r.technique, "accuracy_%": round(100 * r.accuracy, 2),
+            "last3_mean_%": round(100 * r.accuracy_last3, 2),
+            "delta_vs_fp32_pts": round(100 * (r.accuracy_last3 - ref.accuracy_last3), 2),
+            "mib_up": round(r.mib_up, 4), "mib_down": round(r.mib_down, 4),
+            "poster_mib": POSTER_MIB.get(r.row, ""), "x_smaller_up": round(full / r.mib_up, 1),
+            "rounds": r.rows[-1]["round"],
+        })
+    return out
+
+
+def smallest_within(runs: list[StudyRun], points: float = 1.0) -> StudyRun | None:
+    """The run with the smallest uplink+downlink message whose accuracy (mean of the last three
+    rounds) is at most ``points`` below the fp32 run's."""
+    ref = reference(runs)
+    ok = [r for r in runs if 100 * (ref.accuracy_last3 - r.accuracy_last3) <= points]
+    return min(ok, key=lambda r: max(r.mib_up, r.mib_down), default=None)
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+def round_seconds(row: dict, link_mbit: float) -> float:
+    """Modelled wall time of one round: slowest client's compute + its transfers + the server."""
+    s = row["seconds"]
+    client = s.get("client_train_max", 0) + s.get("client_encode_max", 0) + s.get("client_decode_max", 0)
+    server = s.get("server_decode", 0) + s.get("aggregate", 0) + s.get("server_encode", 0) + s.get("evaluate", 0)
+    bits_moved = 8 * (row["bytes_down"] + max(row["bytes_up"] or [0]))
+    return client + server + bits_moved / (link_mbit * 1e6)
+
+
+def time_to_accuracy(run: StudyRun, target: float, link_mbit: float) -> float | None:
+    t = 0.0
+    for row in run.rows:
+        t += round_seconds(row, link_mbit)
+        if row["test_accuracy"] >= target:
+            return t
+    return None
+
+
+def cost_rows(runs: list[StudyRun], links: list[float], target: float) -> list[dict]:
+    out = []
+    for r in runs:
+        rec = {"row": r.row, "technique": r.technique}
+        for rate in links:
+            per_round = [round_seconds(row, rate) for row in r.rows]
+            tta = time_to_accuracy(r, target, rate)
+            rec[f"s_per_round_{rate:g}mbit"] = round(sum(per_round) / len(per_round), 2)
+            rec[f"tta_s_{rate:g}mbit"] = None if tta is None else round(tta, 1)
+        out.append(rec)
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _md(rows: list[dict], columns) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r.get(c) in (None, "") else str(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(path: Path, rows: list[dict], columns) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[float, ...] = (1.0, 10.0),
+                title: str = "fedfinn study") -> dict[str, Path]:
+    runs = [load_run(d) for d in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = reference(runs)
+    caption = (f"Scale: {scale_text(ref)}. Machine: {machine_text()}. Data: {DATA_NOTE}. "
+               f"Accuracy = top-1 on the test images after the last round; Δ uses the mean of the last three rounds.")
+    paths = {}
+
+    rows = table_rows(runs)
+    paths["table_md"] = out / "table.md"
+    paths["table_md"].write_text(f"# {title}: the poster's table, measured\n\n{caption}\n\n"
+                                 f"`poster_mib`: the message size the poster reports (its accuracies are not "
+                                 f"available to us). `x_smaller_up`: the uncompressed fp32 message over this "
+                                 f"uplink message.\n\n" + _md(rows, TABLE_COLUMNS))
+    paths["table_csv"] = out / "table.csv"
+    _csv(paths["table_csv"], rows, TABLE_COLUMNS)
+
+    paths["curves"] = plot_curves(runs, out / "accuracy_vs_round.png", caption)
+    paths["pruning"] = plot_pruning(runs, out / "accuracy_vs_pruning.png", caption)
+    paths["pareto"] = plot_pareto(runs, out / "pareto.png", caption)
+
+    target = 0.9 * ref.accuracy_last3
+    crow = cost_rows(runs, list(links), target)
+    ccols = ["row", "technique"] + [f"{k}_{r:g}mbit" for r in links for k in ("s_per_round", "tta_s")]
+    paths["cost_md"] = out / "cost.md"
+    paths["cost_md"].write_text(
+        f"# {title}: cost model\n\n{caption}\n\nPer round: slowest client's measured compute (train + encode + "
+        f"decode) + server (decode, aggregate, encode, evaluate) + (bytes down + bytes up) / link rate, each client "
+        f"on its own link. Time to accuracy: modelled seconds until the global model first reaches "
+        f"{100 * target:.1f} % (90 % of the fp32 run's); '-' = not reached.\n\n" + _md(crow, ccols))
+    paths["cost_csv"] = out / "cost.csv"
+    _csv(paths["cost_csv"], crow, ccols)
+    paths["cost_png"] = plot_cost(runs, out / "cost.png", min(links), caption)
+
+    paths["summary"] = out / "summary.md"
+    paths["summary"].write_text(summary_text(runs, rows, title, caption))
+    return paths
+
+
+def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: str) -> str:
+    ref = reference(runs)
+    order = sorted(rows, key=lambda r: -r["last3_mean_%"])
+    best = smallest_within(runs, 1.0)
+    lines = [f"# {title}", "", caption, "",
+             f"fp32 reference ({ref.row}): {100 * ref.accuracy_last3:.2f} % (mean of the last three rounds).", "",
+             "Techniques by accuracy (mean of the last three rounds):", ""]
+    lines += [f"{i + 1}. {r['row']} ({r['technique']}): {r['last3_mean_%']:.2f} % "
+              f"({r['delta_vs_fp32_pts']:+.2f} pts), {r['mib_up']:.4f} MiB up / {r['mib_down']:.4f} MiB down"
+              for i, r in enumerate(order)]
+    lines.append("")
+    if best is None:
+        lines.append("No technique stays within 1 point of the fp32 run.")
+    else:
+        full = uncompressed_mib(runs)
+        lines.append(f"Smallest message within 1 point of fp32: **{best.row}** ({best.technique}): "
+                     f"{best.mib_up:.4f} MiB up, {best.mib_down:.4f} MiB down, "
+                     f"{full / max(best.mib_up, best.mib_down):.1f}x smaller than the uncompressed "
+                     f"{full:.3f} MiB; accuracy {100 * best.accuracy_last3:.2f} % "
+                     f"({100 * (best.accuracy_last3 - ref.accuracy_last3):+.2f} pts).")
+    return "\n".join(lines) + "\n"
+
+
+def _finish(fig, ax, path: Path, caption: str) -> Path:
+    import textwrap
+
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, 150)), fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_curves(runs: list[StudyRun], path: Path, caption: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in runs:
+        style = "--" if r.quantized and r.prune_rate else ("-" if not r.prune_rate else ":")
+        ax.plot([x["round"] for x in r.rows], [100 * x["test_accuracy"] for x in r.rows], style, label=r.row)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("accuracy per round (poster, left)")
+    return _finish(fig, ax, path, caption)
+
+
+def plot_pruning(runs: list[StudyRun], path: Path, caption: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ref = reference(runs)
+    pts = sorted([(0.0, ref.accuracy_last3)] + [(r.prune_rate, r.accuracy_last3) for r in runs
+                                                 if r.prune_rate and not r.quantized])
+    ax.plot([100 * p for p, _ in pts], [100 * a for _, a in pts], "o-", label="pruning only (fp32 weights)")
+    comb = [(r.prune_rate, r.accuracy_last3, r.bits) for r in runs if r.prune_rate and r.quantized]
+    for p, a, b in comb:
+        ax.scatter([100 * p], [100 * a], marker="s")
+        ax.annotate(f"{b}-bit", (100 * p, 100 * a), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(100 * ref.accuracy_last3 - 1, color="grey", ls=":", label="fp32 - 1 point")
+    ax.set_xlabel("pruning rate (%)")
+    ax.set_ylabel("test accuracy (%), mean of the last 3 rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy vs pruning rate (poster, right)")
+    return _finish(fig, ax, path, caption)
+
+
+def pareto_front(runs: list[StudyRun]) -> list[StudyRun]:
+    """Runs no other run beats on both message size (up) and accuracy."""
+    return [r for r in runs if not any(o.mib_up <= r.mib_up and o.accuracy_last3 >= r.accuracy_last3 and
+                                       (o.mib_up < r.mib_up or o.accuracy_last3 > r.accuracy_last3) for o in runs)]
+
+
+def plot_pareto(runs: list[StudyRun], path: Path, caption: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    front = sorted(pareto_front(runs), key=lambda r: r.mib_up)
+    for r in runs:
+        ax.scatter(r.mib_up, 100 * r.accuracy_last3, color="C1" if r in front else "C0")
+        ax.annotate(r.row, (r.mib_up, 100 * r.accuracy_last3), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([r.mib_up for r in front], [100 * r.accuracy_last3 for r in front], "C1-", alpha=0.6, label="Pareto front")
+    ref = reference(runs)
+    ax.axhline(100 * ref.accuracy_last3 - 1, color="grey", ls=":", label="fp32 - 1 point")
+    ax.set_xscale("log")
+    ax.set_xlabel("uplink message per client (MiB, log scale)")
+    ax.set_ylabel("test accuracy (%), mean of the last 3 rounds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax.set_title("accuracy vs message size")
+    return _finish(fig, ax, path, caption)
+
+
+def plot_cost(runs: list[StudyRun], path: Path, link: float, caption: str) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in runs:
+        t, xs = 0.0, []
+        for row in r.rows:
+            t += round_seconds(row, link)
+            xs.append(t / 60)
+        ax.plot(xs, [100 * x["test_accuracy"] for x in r.rows], label=r.row)
+    ax.set_xlabel(f"modelled wall time (minutes) at {link:g} Mbit/s per client")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("accuracy vs modelled time (cost model)")
+    return _finish(fig, ax, path, caption)
