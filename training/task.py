@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from . import data as data_mod
 from .config import RunConfig, from_dict
-from .models import build_model
+from .models import build_model, parse_deployable
 
 WIRE_STYPE = "fedfinn-codec"  # stype of the single uint8 Array that carries a codec message
 CONFIG_KEY = "fedfinn-config"
@@ -97,7 +97,11 @@ def make_model(cfg: RunConfig, seed: int | None = None, bits: int | None = None)
 
 
 def client_weight_bits(cfg: RunConfig, partition_id: int) -> int:
-    """The weight bits client ``partition_id`` trains and sends at (``compression.client_bits``)."""
+    """The weight bits client ``partition_id`` trains and sends at: a deployable model's own (the X of
+    ``cnv-wXaY``), else ``compression.client_bits`` by partition id, else ``compression.weight_bits``."""
+    deployable = parse_deployable(cfg.model.name)
+    if deployable is not None:
+        return deployable[1]
     c = cfg.compression
     return c.client_bits[partition_id % len(c.client_bits)] if c.client_bits else c.weight_bits
 
