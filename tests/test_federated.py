@@ -197,6 +197,7 @@ def test_deployable_model_trains_federated_and_exports_every_round(tmp_path, cif
     rows = read_metrics(run(cfg, progress=False))
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["rejected"] == [] for r in rows)
+    assert all(set(r["bits_up"]) == {2} for r in rows)  # the model's own weight bits, not the study default
     # 2-bit codes on the wire: far below fp32 for 1.5 M parameters
     assert max(rows[0]["bytes_up"]) < 1_546_688 * 4 / 8
     for r in (1, 2):
