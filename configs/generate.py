@@ -18,6 +18,17 @@ BEYOND = [("q8_prune90", {"weight_bits": 8, "prune_rate": 0.9}),
           ("q4_prune70", {"weight_bits": 4, "prune_rate": 0.7}),
           ("q4_prune80", {"weight_bits": 4, "prune_rate": 0.8}),
           ("hetero_841", {"weight_bits": 8, "client_bits": [8, 4, 1]})]
+# Updates instead of models (training.updates): top-k of each tensor's change, quantized, with error
+# feedback on the uplink and per-node copies on the downlink; ablations without error feedback and
+# with the whole fp32 model on the downlink.
+def delta(density: float, bits: int, **more) -> dict:
+    return {"update": "delta", "update_density": density, "update_density_down": density, "update_bits": bits, **more}
+
+
+BEYOND += [("delta_d05_b4", delta(0.05, 4)), ("delta_d10_b8", delta(0.1, 8)), ("delta_d20_b4", delta(0.2, 4)),
+           ("delta_d30_b4", delta(0.3, 4)), ("delta_d40_b3", delta(0.4, 3)),
+           ("delta_d30_b4_noef", delta(0.3, 4, error_feedback=False)),
+           ("delta_d30_b4_fp32down", delta(0.3, 4, downlink="fp32"))]
 # The small study (make study-small): every row at a scale that runs in < 2 h on 2 cores
 SMALL = {"data": {"images_per_client": 1000, "test_images": 5000},
          "federation": {"rounds": 15, "backend": "parallel"}}

@@ -233,6 +233,27 @@ def test_supernode_killed_mid_round_the_run_goes_on(tmp_path, cifar10):
     assert (run_dir / "summary.json").exists()
 
 
+def test_update_mode_over_supernodes_equals_in_process(tmp_path, cifar10):
+    """compression.update = "delta": each SuperNode keeps its copy of the global model and its
+    residual in Flower's context.state between rounds; the deployment then equals the in-process
+    run bit for bit (a node that lost its copy would refuse the downlink as stale)."""
+    extra = ["federation.num_clients=2", "federation.rounds=3", 'compression.update="delta"']
+    ref = run(load_config(None, _overrides(tmp_path, "dref", *extra)), progress=False)
+    w = Watcher()
+    run_dir = deploy(None, _overrides(tmp_path, "ddep", *extra), nodes=2, timeout=150, wait_warm=False,
+                     on_start=w.on_start, on_tick=w.on_tick)
+    w.no_leftovers()
+    rows, ref_rows = read_metrics(run_dir), read_metrics(ref)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for a, b in zip(rows, ref_rows):
+        assert a["rejected"] == [] and a["test_accuracy"] == b["test_accuracy"]
+        assert sorted(a["bytes_up"]) == sorted(b["bytes_up"])
+        assert sorted(a["bytes_down_each"]) == sorted(b["bytes_down_each"])
+    for r in (1, 2, 3):
+        name = f"checkpoints/round_{r:03d}.ffnc"
+        assert (run_dir / name).read_bytes() == (ref / name).read_bytes(), name
+
+
 def test_no_flower_process_left():
     out = subprocess.run(["pgrep", "-af", "flower-superlink|flower-supernode|flwr-serverapp|training.fastnode"],
                          capture_output=True, text=True).stdout

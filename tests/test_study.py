@@ -19,7 +19,8 @@ TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_cli
 def study_runs(tmp_path_factory, cifar10):
     tmp = tmp_path_factory.mktemp("study")
     rows = {"baseline": ["compression.entropy_coding=false"], "fp32_zstd": [], "q4bit": ["compression.weight_bits=4"],
-            "q4_prune70": ["compression.weight_bits=4", "compression.prune_rate=0.7"]}
+            "q4_prune70": ["compression.weight_bits=4", "compression.prune_rate=0.7"],
+            "delta_d10_b8": ["compression.update=\"delta\""]}
     dirs = []
     for row, extra in rows.items():
         cfg = load_config(None, [*TINY, *extra, f"run.out_dir=\"{tmp}\"", f"run.name=\"study_small_{row}\""])
@@ -33,7 +34,16 @@ def test_study_writes_the_table_figures_and_cost_model(study_runs):
     for key in ("table_md", "table_csv", "curves", "pruning", "pareto", "cost_md", "cost_csv", "cost_png", "summary"):
         assert paths[key].exists() and paths[key].stat().st_size > 100, key
     rows = {r["row"]: r for r in csv.DictReader(open(paths["table_csv"]))}
-    assert set(rows) == {"baseline", "fp32_zstd", "q4bit", "q4_prune70"}
+    assert set(rows) == {"baseline", "fp32_zstd", "q4bit", "q4_prune70", "delta_d10_b8"}
+    assert float(rows["delta_d10_b8"]["mib_up"]) < float(rows["q4bit"]["mib_up"])
+    assert all(float(r["mib_max"]) >= max(float(r["mib_up"]), float(r["mib_down"])) for r in rows.values())
+    assert "updates: top 10% up" in rows["delta_d10_b8"]["technique"]
+    # every figure's numbers beside it: one curve per run, one column per round
+    curves = {r["row"]: r for r in csv.DictReader(open(tmp / "out" / "curves.csv"))}
+    assert set(curves) == set(rows) and list(next(iter(curves.values())))[1:] == ["r1", "r2", "r3"]
+    assert float(curves["q4bit"]["r3"]) == float(rows["q4bit"]["accuracy_%"])
+    for name in ("pruning", "pareto"):
+        assert (tmp / "out" / f"{name}.csv").exists() and (tmp / "out" / f"{name}.md").exists()
     # lossless zstd trains exactly like the uncompressed baseline: same accuracy, smaller message
     assert rows["baseline"]["accuracy_%"] == rows["fp32_zstd"]["accuracy_%"]
     assert float(rows["fp32_zstd"]["mib_up"]) < float(rows["baseline"]["mib_up"])
@@ -63,7 +73,8 @@ def test_cost_model_and_selection_by_hand(study_runs):
     assert round_seconds(row, 1.0) == pytest.approx(compute + bits / 1e6)
     assert round_seconds(row, 10.0) == pytest.approx(compute + bits / 1e7)
     best = smallest_within(runs, points=100.0)  # everything qualifies: the smallest message wins
-    assert best.row == "q4_prune70"
+    assert best.row == min(runs, key=lambda r: max(r.mib_up, r.mib_down)).row
+    assert best.row in ("q4_prune70", "delta_d10_b8")
     front = pareto_front(runs)
     assert best in front and all(r in runs for r in front)
     assert next(r for r in runs if r.row == "baseline") not in front  # fp32_zstd: same accuracy, smaller

@@ -74,6 +74,14 @@ class CompressionConfig:
     downlink: str = "same"  # same: the server compresses the global model like the clients | fp32
     entropy_coding: bool = True  # zstd over the message; false = the poster's uncompressed baseline
     zstd_level: int = 3
+    # update = "delta" (training.updates): messages carry the top update_density fraction of each tensor's
+    # change (uplink: local model - received model, downlink: global model - the node's copy), quantized to
+    # update_bits (1..8, or 32 = float), with error feedback; "model" = every message is a whole model.
+    update: str = "model"
+    update_density: float = 0.1  # uplink
+    update_density_down: float = 0.1  # downlink (ignored with downlink = "fp32": the model travels whole)
+    update_bits: int = 8
+    error_feedback: bool = True  # clients add what their last message dropped to the next update
 
 
 @dataclass
@@ -201,6 +209,14 @@ def validate(cfg: RunConfig) -> None:
     _check(c.prune_scope in ("global", "layer"), "compression.prune_scope", "must be global or layer")
     _check(c.downlink in ("same", "fp32"), "compression.downlink", f"must be same or fp32, got {c.downlink!r}")
     _check(1 <= c.zstd_level <= 22, "compression.zstd_level", "must be in 1..22")
+    _check(c.update in ("model", "delta"), "compression.update", f"must be model or delta, got {c.update!r}")
+    _check(0 < c.update_density <= 1, "compression.update_density", f"must be in (0, 1], got {c.update_density}")
+    _check(0 < c.update_density_down <= 1, "compression.update_density_down",
+           f"must be in (0, 1], got {c.update_density_down}")
+    _check(c.update_bits == 32 or 1 <= c.update_bits <= 8, "compression.update_bits",
+           f"must be 1..8 or 32, got {c.update_bits}")
+    _check(c.update == "model" or c.prune_rate == 0, "compression.prune_rate",
+           "applies to update = \"model\"; with update = \"delta\" use update_density")
     _check(bool(r.name) and "/" not in r.name and r.name not in (".", ".."), "run.name", "must be a plain folder name")
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
     _check(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")

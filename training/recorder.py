@@ -68,6 +68,7 @@ def round_record(stats, accuracy: float, loss: float) -> dict:
         "bytes_up": up,
         "bits_up": getattr(stats, "bits_up", []),
         "bytes_down": stats.bytes_down,
+        "bytes_down_each": getattr(stats, "bytes_down_each", []),
         "mib_up_mean": mib(sum(up) / len(up)) if up else None,
         "mib_down": mib(stats.bytes_down),
         "sparsity": stats.sparsity,

@@ -42,7 +42,14 @@ def technique(cfg: dict) -> str:
         parts.append(f"{bits}-bit QAT")
     if rate:
         parts.append(f"pruning {rate * 100:g}%")
-    if c.get("downlink") == "fp32" and (bits != 32 or rate):
+    if c.get("update") == "delta":
+        ub = c.get("update_bits", 8)
+        down = ("fp32 model down" if c.get("downlink") == "fp32"
+                else f"down top {c.get('update_density_down', 0.1) * 100:g}%")
+        parts.append(f"updates: top {c.get('update_density', 0.1) * 100:g}% up, {down}, "
+                     f"{'float' if ub == 32 else f'{ub}-bit'} values"
+                     + (", error feedback" if c.get("error_feedback", True) else ", no error feedback"))
+    if c.get("downlink") == "fp32" and (bits != 32 or rate) and c.get("update") != "delta":
         parts.append("fp32 downlink")
     if not c.get("entropy_coding", True):
         parts.append("no entropy coding")

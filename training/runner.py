@@ -49,8 +49,9 @@ def _worker_init(client_app, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_call(msg: Message, context: Context) -> Message:
-    return call_client(_WORKER_APP, msg, context)
+def _worker_call(msg: Message, context: Context) -> tuple[Message, Context]:
+    # the context comes back too: what the ClientApp kept in context.state must persist, as on a SuperNode
+    return call_client(_WORKER_APP, msg, context), context
 
 
 class InProcessGrid(Grid):
@@ -123,7 +124,8 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         for i in list(self.pending):
             if self.pending[i].ready():
-                self.replies[i] = self.pending.pop(i).get()
+                self.replies[i], context = self.pending.pop(i).get()
+                self.contexts[context.node_id] = context
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

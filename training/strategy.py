@@ -13,6 +13,12 @@ the payload:
   or fp32 when ``compression.downlink = "fp32"``);
 * ``evaluate_fn`` evaluates that downlink model on the test set and writes the
   round's JSON line, checkpoint and progress.
+
+With ``compression.update = "delta"`` (training.updates) replies are changes:
+the global model moves by their example-weighted mean, and every sampled node
+gets its own downlink, the change from the copy it holds (tracked here, one
+per node) to the global model. The record handed between rounds (and
+checkpointed) is then the global model itself, lossless.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from . import codec
-from .compress import decode_for, load_values, model_to_message
+from . import codec, updates
+from .compress import decode_for, load_values, model_to_message, travelling_state
 from .config import RunConfig
 from .pruning import prune_, sparsity
 from .task import make_model, pack, unpack
@@ -51,7 +57,8 @@ class RoundStats:
     rejected: list[dict] = field(default_factory=list)
     bytes_up: list[int] = field(default_factory=list)
     bits_up: list[int] = field(default_factory=list)  # weight bits of each accepted reply
-    bytes_down: int = 0
+    bytes_down: int = 0  # per sampled node (the mean, when nodes get different downlinks)
+    bytes_down_each: list[int] = field(default_factory=list)
     train_loss: float = math.nan
     train_accuracy: float = math.nan
     sparsity: float = 0.0
@@ -75,11 +82,21 @@ class CompressedFedAvg(FedAvg):
         self.on_round_end = on_round_end
         self.current: RoundStats | None = None
         self.last_down: bytes = b""
+        self.delta = cfg.compression.update == "delta"
+        self.views: dict[int, updates.Values] = {}  # update mode: node id -> the global-model copy it holds
+        self.init_values = self._values() if self.delta else {}
 
     # --- downlink ---------------------------------------------------------------
+    def _values(self) -> updates.Values:
+        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in travelling_state(self.server_model).items()}
+
     def downlink_message(self, model: torch.nn.Module) -> bytes:
-        """Prune the global model at the run's rate and encode it for the clients."""
+        """Prune the global model at the run's rate and encode it for the clients (update mode: the
+        global model, lossless; each node's downlink is made from it in ``configure_train``)."""
         c = self.cfg.compression
+        if self.delta:
+            self.last_down = model_to_message(model, quantize=False, level=c.zstd_level)
+            return self.last_down
         masks = prune_(model, c.prune_rate, c.prune_scope) if c.prune_rate else None
         blob = model_to_message(model, masks, level=c.zstd_level, quantize=c.downlink == "same", entropy=c.entropy_coding)
         self.last_down = blob
@@ -92,6 +109,7 @@ class CompressedFedAvg(FedAvg):
         """Continue after ``rounds_done`` rounds from the global model ``blob`` (a checkpoint)."""
         load_values(self.server_model, decode_for(self.server_model, blob))
         self.last_down = blob
+        self.views = {}  # the nodes' copies are unknown: each starts over from the initial model
         self.rng = np.random.default_rng(self.cfg.federation.seed)
         for _ in range(rounds_done):  # replay the sampling so round r samples as in an uninterrupted run
             self._sample_positions(self.cfg.federation.num_clients)
@@ -107,8 +125,35 @@ class CompressedFedAvg(FedAvg):
         chosen = [node_ids[i] for i in self._sample_positions(len(node_ids))]
         self.current = RoundStats(server_round, sampled=chosen, bytes_down=len(self.last_down))
         config["server-round"] = server_round
+        if self.delta:
+            return self._update_messages(chosen, config)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return self._construct_messages(record, chosen, MessageType.TRAIN)
+
+    def _update_messages(self, nodes: list[int], config: ConfigRecord) -> list[Message]:
+        """Update mode: each node's downlink is the change from its copy to the global model."""
+        c = self.cfg.compression
+        t0 = time.perf_counter()
+        target = self._values()
+        messages = []
+        for node in nodes:
+            node_config = ConfigRecord(dict(config))
+            if c.downlink == "fp32":
+                blob = self.last_down  # the whole global model; the node's copy becomes exactly it
+            else:
+                base = self.views.get(node, self.init_values)
+                blob, sent = updates.compress_update(updates.subtract(target, base), c.update_density_down,
+                                                     c.update_bits, level=c.zstd_level, entropy=c.entropy_coding)
+                view = updates.add(base, sent)
+                node_config[updates.BASE_KEY] = updates.fingerprint(base)
+                node_config[updates.TARGET_KEY] = updates.fingerprint(view)
+                self.views[node] = view  # what the node will hold once it applies the message
+            self.current.bytes_down_each.append(len(blob))
+            record = RecordDict({self.arrayrecord_key: pack(blob), self.configrecord_key: node_config})
+            messages += self._construct_messages(record, [node], MessageType.TRAIN)
+        self.current.bytes_down = round(sum(self.current.bytes_down_each) / max(1, len(nodes)))
+        self.current.times["server_encode"] = time.perf_counter() - t0
+        return messages
 
     def _check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], dict]:
         """Decoded values and metrics of a good reply; raises ValueError with the reason otherwise."""
@@ -141,25 +186,31 @@ class CompressedFedAvg(FedAvg):
         stats = self.current or RoundStats(server_round)
         t0 = time.perf_counter()
         accepted: list[tuple[dict[str, np.ndarray], dict]] = []
+        accepted_nodes: set[int] = set()
         for msg in replies:
             try:
                 accepted.append(self._check_reply(msg))
+                accepted_nodes.add(msg.metadata.src_node_id)
             except Exception as err:  # a bad reply never stops the round
                 node = msg.metadata.src_node_id
                 log.warning("round %d: reply from node %s rejected: %s", server_round, node, err)
                 stats.rejected.append({"node": int(node), "reason": str(err)[:300]})
         stats.times["server_decode"] = time.perf_counter() - t0
+        for node in set(stats.sampled) - accepted_nodes:
+            self.views.pop(node, None)  # update mode: its copy is uncertain now; start it over next time
         if not accepted:
             log.warning("round %d: no valid reply; the global model stays as it was", server_round)
             return None, None
 
         t1 = time.perf_counter()
         averaged = weighted_average([v for v, _ in accepted], [m["num-examples"] for _, m in accepted])
+        if self.delta:  # the replies are changes: the global model moves by their weighted mean
+            averaged = updates.add(self._values(), averaged)
         load_values(self.server_model, averaged)
         stats.times["aggregate"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         down = self.downlink_message(self.server_model)
-        stats.times["server_encode"] = time.perf_counter() - t2
+        stats.times["server_encode"] = stats.times.get("server_encode", 0.0) + time.perf_counter() - t2
 
         metrics = [m for _, m in accepted]
         weights = np.array([m["num-examples"] for m in metrics], dtype=np.float64)

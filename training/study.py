@@ -8,10 +8,12 @@ finished runs (their ``config.toml`` and ``metrics.jsonl``) and writes to OUT:
   difference to the fp32 run, the measured message MiB up (mean per client) and
   down, the poster's message size where the poster gives one, and the
   compression factor against the uncompressed fp32 message;
-* ``accuracy_vs_round.png``: the poster's left figure (one curve per run);
-* ``accuracy_vs_pruning.png``: the poster's right figure (accuracy against
-  pruning rate, fp32 at 0);
-* ``pareto.png``: accuracy against uplink message size, the Pareto front marked;
+* ``accuracy_vs_round.png`` (+ ``curves.csv`` / ``curves.md``): the poster's
+  left figure (one curve per run);
+* ``accuracy_vs_pruning.png`` (+ ``pruning.csv`` / ``pruning.md``): the
+  poster's right figure (accuracy against pruning rate, fp32 at 0);
+* ``pareto.png`` (+ ``pareto.csv`` / ``pareto.md``): accuracy against uplink
+  message size, the Pareto front marked;
 * ``cost.md`` / ``cost.csv`` / ``cost.png``: a cost model, per round
   ``client compute + server time + (bytes down + bytes up) / link rate`` (each
   client on its own link; the round waits for the slowest client), at the link
@@ -69,6 +71,17 @@ class StudyRun:
     @property
     def mib_down(self) -> float:
         return mib(sum(r["bytes_down"] for r in self.rows) / len(self.rows))
+
+    @property
+    def mib_max(self) -> float:
+        """The largest single message of the run, either direction (update mode: messages vary by node)."""
+        ups = [b for r in self.rows for b in r["bytes_up"]]
+        downs = [b for r in self.rows for b in (r.get("bytes_down_each") or [r["bytes_down"]])]
+        return mib(max(ups + downs))
+
+    @property
+    def delta(self) -> bool:
+        return self.cfg.get("compression", {}).get("update") == "delta"
 
     @property
     def prune_rate(self) -> float:
@@ -141,7 +154,7 @@ def machine_text() -> str:
 
 
 TABLE_COLUMNS = ("row", "technique", "accuracy_%", "last3_mean_%", "delta_vs_fp32_pts", "mib_up", "mib_down",
-                 "poster_mib", "x_smaller_up", "rounds")
+                 "mib_max", "poster_mib", "x_smaller_up", "rounds")
 
 
 def table_rows(runs: list[StudyRun]) -> list[dict]:
@@ -152,7 +165,7 @@ def table_rows(runs: list[StudyRun]) -> list[dict]:
             "row": r.row, "technique": r.technique, "accuracy_%": round(100 * r.accuracy, 2),
             "last3_mean_%": round(100 * r.accuracy_last3, 2),
             "delta_vs_fp32_pts": round(100 * (r.accuracy_last3 - ref.accuracy_last3), 2),
-            "mib_up": round(r.mib_up, 4), "mib_down": round(r.mib_down, 4),
+            "mib_up": round(r.mib_up, 4), "mib_down": round(r.mib_down, 4), "mib_max": round(r.mib_max, 4),
             "poster_mib": POSTER_MIB.get(r.row, ""), "x_smaller_up": round(full / r.mib_up, 1),
             "rounds": r.rows[-1]["round"],
         })
@@ -175,7 +188,8 @@ def round_seconds(row: dict, link_mbit: float) -> float:
     s = row["seconds"]
     client = s.get("client_train_max", 0) + s.get("client_encode_max", 0) + s.get("client_decode_max", 0)
     server = s.get("server_decode", 0) + s.get("aggregate", 0) + s.get("server_encode", 0) + s.get("evaluate", 0)
-    bits_moved = 8 * (row["bytes_down"] + max(row["bytes_up"] or [0]))
+    down = max(row.get("bytes_down_each") or [row["bytes_down"]])  # update mode: each node its own downlink
+    bits_moved = 8 * (down + max(row["bytes_up"] or [0]))
     return client + server + bits_moved / (link_mbit * 1e6)
 
 
@@ -238,6 +252,10 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     _csv(paths["table_csv"], rows, TABLE_COLUMNS)
 
     paths["curves"] = plot_curves(runs, out / "accuracy_vs_round.png", caption)
+    for name, (columns, data, what) in figure_data(runs).items():  # each figure's numbers, to read or re-plot
+        _csv(out / f"{name}.csv", data, columns)
+        (out / f"{name}.md").write_text(f"# {title}: {what}\n\n{caption}\n\n" + _md(data, columns))
+        paths[f"{name}_csv"] = out / f"{name}.csv"
     paths["pruning"] = plot_pruning(runs, out / "accuracy_vs_pruning.png", caption)
     paths["pareto"] = plot_pareto(runs, out / "pareto.png", caption)
 
@@ -257,6 +275,24 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     paths["summary"] = out / "summary.md"
     paths["summary"].write_text(summary_text(runs, rows, title, caption))
     return paths
+
+
+def figure_data(runs: list[StudyRun]) -> dict[str, tuple[list[str], list[dict], str]]:
+    """The numbers behind each figure: name -> (columns, rows, what they are)."""
+    rounds = sorted({x["round"] for r in runs for x in r.rows})
+    curves = [{"row": r.row, **{f"r{x['round']}": round(100 * x["test_accuracy"], 2) for x in r.rows}} for r in runs]
+    ref = reference(runs)
+    pruning = [{"row": r.row, "prune_%": round(100 * r.prune_rate, 1), "weight_bits": r.bits,
+                "last3_mean_%": round(100 * r.accuracy_last3, 2)}
+               for r in [ref] + sorted((r for r in runs if r.prune_rate), key=lambda r: (r.bits, r.prune_rate))]
+    front = pareto_front(runs)
+    pareto = [{"row": r.row, "technique": r.technique, "mib_up": round(r.mib_up, 4),
+               "last3_mean_%": round(100 * r.accuracy_last3, 2), "on_front": r in front}
+              for r in sorted(runs, key=lambda r: r.mib_up)]
+    return {"curves": (["row"] + [f"r{n}" for n in rounds], curves, "test accuracy (%) per round"),
+            "pruning": (["row", "prune_%", "weight_bits", "last3_mean_%"], pruning, "accuracy against pruning rate"),
+            "pareto": (["row", "technique", "mib_up", "last3_mean_%", "on_front"], pareto,
+                       "accuracy against uplink message size")}
 
 
 def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: str) -> str:
@@ -296,7 +332,7 @@ def plot_curves(runs: list[StudyRun], path: Path, caption: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for r in runs:
-        style = "--" if r.quantized and r.prune_rate else ("-" if not r.prune_rate else ":")
+        style = "-." if r.delta else "--" if r.quantized and r.prune_rate else ("-" if not r.prune_rate else ":")
         ax.plot([x["round"] for x in r.rows], [100 * x["test_accuracy"] for x in r.rows], style, label=r.row)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")

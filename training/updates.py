@@ -1,0 +1,125 @@
+"""Update mode: messages carry sparse, quantized *changes*, with error feedback.
+
+In the default mode (``compression.update = "model"``) every message is a
+whole model, compressed (training.compress). In ``update = "delta"`` mode a
+message is the difference between what the sender wants the receiver to hold
+and what the receiver already holds, reduced to its largest entries:
+
+* per tensor, the ``density`` fraction of entries with the largest magnitude
+  is kept (top-k); tensors of at most ``SMALL_TENSOR`` entries (GroupNorm
+  weights, biases) are kept whole because their positions would cost more
+  than their values;
+* the kept values are quantized to ``bits`` (1..8) with one float32 scale per
+  tensor (bits >= 2: max|v| over the tensor's codes; 1 bit: sign times
+  mean|v|, as in signSGD), or sent as float32 when ``bits == 32``;
+* the result is one ordinary codec message (training.codec, sparse kinds), so
+  the wire format, its checks and its zstd stage are the same as for models.
+
+Error feedback: what a sender dropped or rounded away is not lost. A client
+adds its residual (its last update minus what it actually sent) to its next
+update. On the downlink the server keeps, per node, an exact copy of the
+model that node holds (its *view*) and always sends ``global - view``: what a
+downlink message left out is still in that difference the next time.
+
+The server and a client agree on a view through fingerprints (SHA-256 of the
+values): the downlink names the fingerprint of the view it was computed from
+and of the view the client must hold after applying it. Both sides start from
+the run's seeded initial model, so a node that has lost its state (restarted)
+and a server that has lost its views (resumed) both fall back to it, and the
+mismatch is detected instead of silently training on a wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+from . import codec
+
+SMALL_TENSOR = 1024  # tensors this small travel whole: positions would cost more than values
+BASE_KEY = "fedfinn-base"  # config-record keys of the downlink fingerprints
+TARGET_KEY = "fedfinn-target"
+
+Values = dict[str, np.ndarray]
+
+
+def fingerprint(values: Values) -> str:
+    """SHA-256 (first 16 hex digits) over names, shapes and float32 bytes, in order."""
+    h = hashlib.sha256()
+    for name, v in values.items():
+        arr = np.ascontiguousarray(v, dtype=np.float32)
+        h.update(name.encode())
+        h.update(repr(arr.shape).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def subtract(a: Values, b: Values) -> Values:
+    return {k: (a[k].astype(np.float32) - b[k].astype(np.float32)).astype(np.float32) for k in a}
+
+
+def add(a: Values, b: Values) -> Values:
+    """``a + b`` in float32; both sides of a link compute it identically, so views stay bit-equal."""
+    return {k: (a[k].astype(np.float32) + b[k].astype(np.float32)).astype(np.float32) for k in a}
+
+
+def _top_k_mask(v: np.ndarray, density: float) -> np.ndarray | None:
+    """Keep-mask of the ``density`` largest |v| (None: keep everything)."""
+    n = v.size
+    if n <= SMALL_TENSOR or density >= 1:
+        return None
+    k = max(1, math.ceil(density * n))
+    flat = np.abs(v).ravel()
+    keep = np.zeros(n, dtype=bool)
+    keep[np.argpartition(flat, n - k)[n - k:]] = True
+    return keep.reshape(v.shape)
+
+
+def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int) -> codec.QTensor | np.ndarray:
+    """The kept entries of ``v`` as codes + one scale (or float32 when bits == 32)."""
+    kept = v if mask is None else v[mask]
+    if bits == 32:
+        return v if mask is None else np.where(mask, v, np.float32(0)).astype(np.float32)
+    mask_arg = None if mask is None else mask
+    if bits == 1:
+        mag = float(np.abs(kept).mean()) if kept.size else 0.0
+        scale = np.float32(mag if mag > 0 else 1.0)
+        codes = np.asarray(np.where(v >= 0, 1, -1), dtype=np.int8)
+    else:
+        top = 2 ** (bits - 1) - 1
+        mag = float(np.abs(kept).max()) if kept.size else 0.0
+        scale = np.float32(mag / top if mag > 0 else 1.0)
+        codes = np.asarray(np.clip(np.rint(v / scale), -top, top), dtype=np.int8)
+    if mask is not None:
+        codes = np.asarray(np.where(mask, codes, 0), dtype=np.int8)  # dropped entries carry no code
+    return codec.QTensor(codes=codes, bits=bits, scale=np.asarray(scale, dtype=np.float32), mask=mask_arg)
+
+
+def compress_update(update: Values, density: float, bits: int, level: int = 3,
+                    entropy: bool = True) -> tuple[bytes, Values]:
+    """Encode ``update`` (top-k at ``density``, ``bits`` per kept value); return the message and
+    exactly what its receiver will decode from it (for the sender's error feedback)."""
+    if not 0 < density <= 1:
+        raise ValueError(f"update density must be in (0, 1], got {density}")
+    if bits != 32 and not 1 <= bits <= 8:
+        raise ValueError(f"update bits must be 1..8 or 32, got {bits}")
+    tensors = {}
+    for name, v in update.items():
+        v = np.asarray(v, dtype=np.float32)
+        tensors[name] = _quantize(v, _top_k_mask(v, density), bits)
+    blob = codec.encode(tensors, level=level, entropy=entropy)
+    # decode what was encoded: the receiver's values, bit for bit (the codec is the one definition)
+    decoded = codec.decode_values(blob, expected={k: tuple(np.shape(v)) for k, v in update.items()})
+    return blob, {k: np.asarray(v, dtype=np.float32).reshape(np.shape(update[k])) for k, v in decoded.items()}
+
+
+def values_to_blob(values: Values) -> bytes:
+    """Lossless float32 message of ``values`` (state kept between rounds, checkpoints)."""
+    return codec.encode({k: np.asarray(v, dtype=np.float32) for k, v in values.items()}, entropy=False)
+
+
+def blob_to_values(blob: bytes, expected: dict[str, tuple[int, ...]]) -> Values:
+    return {k: np.asarray(v, dtype=np.float32).reshape(expected[k])
+            for k, v in codec.decode_values(blob, expected=expected).items()}
