@@ -311,8 +311,9 @@ def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: st
     else:
         full = uncompressed_mib(runs)
         lines.append(f"Smallest message within 1 point of fp32: **{best.row}** ({best.technique}): "
-                     f"{best.mib_up:.4f} MiB up, {best.mib_down:.4f} MiB down, "
-                     f"{full / max(best.mib_up, best.mib_down):.1f}x smaller than the uncompressed "
+                     f"{best.mib_up:.4f} MiB up, {best.mib_down:.4f} MiB down on average (largest single "
+                     f"message {best.mib_max:.4f} MiB), {full / max(best.mib_up, best.mib_down):.1f}x smaller than "
+                     f"the uncompressed "
                      f"{full:.3f} MiB; accuracy {100 * best.accuracy_last3:.2f} % "
                      f"({100 * (best.accuracy_last3 - ref.accuracy_last3):+.2f} pts).")
     return "\n".join(lines) + "\n"
