@@ -12,12 +12,7 @@ from training.runner import InProcessGrid, run
 from training.strategy import CompressedFedAvg
 from training.task import make_model, pack
 
-TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_clients=5",
-        "federation.rounds=2", "federation.backend=\"inprocess\""]
-
-
-def tiny(tmp_path, name, *extra):
-    return load_config(None, [*TINY, f"run.out_dir=\"{tmp_path}\"", f"run.name=\"{name}\"", *extra])
+from test_federated import tiny  # tests/ is on sys.path (pytest prepend import mode)
 
 
 def _change(seed=0):

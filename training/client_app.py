@@ -17,12 +17,11 @@ from __future__ import annotations
 import time
 
 import torch
-import numpy as np
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from . import loop, updates
-from .compress import decode_for, expected_shapes, load_values, message_to_model, model_to_message, travelling_state
+from .compress import decode_for, expected_shapes, load_values, message_to_model, model_to_message, travelling_values
 from .pruning import prune_
 from .task import client_data, client_seed, client_weight_bits, config_from_record, dataset, make_model, pack, unpack
 
@@ -86,13 +85,9 @@ def train(msg: Message, context: Context) -> Message:
 STATE_KEY = "fedfinn-update-state"  # context.state record: this node's copy of the global model + residual
 
 
-def values_of(model) -> updates.Values:
-    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in travelling_state(model).items()}
-
-
 def initial_values(cfg) -> updates.Values:
     """The run's seeded initial model: where the server and every node start (and fall back to)."""
-    return values_of(make_model(cfg))
+    return travelling_values(make_model(cfg))
 
 
 def _load_state(context: Context, model) -> tuple[updates.Values | None, updates.Values | None]:
@@ -151,7 +146,7 @@ def receive_update(cfg, model, down: bytes, config, context: Context) -> tuple[u
 def send_update(cfg, model, view: updates.Values, residual: updates.Values | None, context: Context) -> bytes:
     """Compress (local model - received model + residual); keep the new residual in ``context.state``."""
     c = cfg.compression
-    change = updates.subtract(values_of(model), view)
+    change = updates.subtract(travelling_values(model), view)
     if c.error_feedback and residual is not None:
         change = updates.add(change, residual)
     blob, sent = updates.compress_update(change, c.update_density, c.update_bits, level=c.zstd_level,

@@ -47,6 +47,11 @@ def travelling_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+def travelling_values(model: nn.Module) -> dict[str, np.ndarray]:
+    """The travelling state as float32 numpy arrays (update mode computes with these)."""
+    return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in travelling_state(model).items()}
+
+
 def model_to_tensors(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, quantize: bool = True) -> dict:
     """Codec tensors of the model; ``quantize=False`` sends every tensor as fp32."""
     quant = _quant_layers(model) if quantize else {}

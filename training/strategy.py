@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from . import codec, updates
-from .compress import decode_for, load_values, model_to_message, travelling_state
+from .compress import decode_for, load_values, model_to_message, travelling_values
 from .config import RunConfig
 from .pruning import prune_, sparsity
 from .task import make_model, pack, unpack
@@ -84,12 +84,9 @@ class CompressedFedAvg(FedAvg):
         self.last_down: bytes = b""
         self.delta = cfg.compression.update == "delta"
         self.views: dict[int, updates.Values] = {}  # update mode: node id -> the global-model copy it holds
-        self.init_values = self._values() if self.delta else {}
+        self.init_values = travelling_values(self.server_model) if self.delta else {}
 
     # --- downlink ---------------------------------------------------------------
-    def _values(self) -> updates.Values:
-        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in travelling_state(self.server_model).items()}
-
     def downlink_message(self, model: torch.nn.Module) -> bytes:
         """Prune the global model at the run's rate and encode it for the clients (update mode: the
         global model, lossless; each node's downlink is made from it in ``configure_train``)."""
@@ -134,7 +131,7 @@ class CompressedFedAvg(FedAvg):
         """Update mode: each node's downlink is the change from its copy to the global model."""
         c = self.cfg.compression
         t0 = time.perf_counter()
-        target = self._values()
+        target = travelling_values(self.server_model)
         messages = []
         for node in nodes:
             node_config = ConfigRecord(dict(config))
@@ -205,7 +202,7 @@ class CompressedFedAvg(FedAvg):
         t1 = time.perf_counter()
         averaged = weighted_average([v for v, _ in accepted], [m["num-examples"] for _, m in accepted])
         if self.delta:  # the replies are changes: the global model moves by their weighted mean
-            averaged = updates.add(self._values(), averaged)
+            averaged = updates.add(travelling_values(self.server_model), averaged)
         load_values(self.server_model, averaged)
         stats.times["aggregate"] = time.perf_counter() - t1
         t2 = time.perf_counter()

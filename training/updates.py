@@ -82,7 +82,6 @@ def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int) -> codec.QTenso
     kept = v if mask is None else v[mask]
     if bits == 32:
         return v if mask is None else np.where(mask, v, np.float32(0)).astype(np.float32)
-    mask_arg = None if mask is None else mask
     if bits == 1:
         mag = float(np.abs(kept).mean()) if kept.size else 0.0
         scale = np.float32(mag if mag > 0 else 1.0)
@@ -94,7 +93,7 @@ def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int) -> codec.QTenso
         codes = np.asarray(np.clip(np.rint(v / scale), -top, top), dtype=np.int8)
     if mask is not None:
         codes = np.asarray(np.where(mask, codes, 0), dtype=np.int8)  # dropped entries carry no code
-    return codec.QTensor(codes=codes, bits=bits, scale=np.asarray(scale, dtype=np.float32), mask=mask_arg)
+    return codec.QTensor(codes=codes, bits=bits, scale=np.asarray(scale, dtype=np.float32), mask=mask)
 
 
 def compress_update(update: Values, density: float, bits: int, level: int = 3,
