@@ -59,12 +59,12 @@ BOARD ?= Pynq-Z2
 NAME ?= $(basename $(notdir $(MODEL)))
 BUILD ?= build/$(NAME)
 N ?= 100
-HW_PY := $(BIN)/python -m hw.cli
+HW_PY := $(BIN)/fedfinn hw
 
 $(HW_STAMP): $(STAMP) hw/requirements-finn.txt
 	$(BIN)/python -m pip install -q -r hw/requirements-finn.txt
 	$(BIN)/python -m pip install -q --no-deps finn-plus==1.6.1
-	$(BIN)/python -c "import hw.finn_env as e; e.prepare(); import finn.builder.build_dataflow"
+	$(BIN)/python -c "import export.finn_env as e; e.prepare(); import finn.builder.build_dataflow"
 	touch $(HW_STAMP)
 
 install-hw: $(HW_STAMP)

@@ -12,10 +12,10 @@ images (already in the accelerator's input format) into class indices.
   Power: the board's rails through ``pynq.get_rails()``, where it has any.
 * :class:`BitExactEmulator` (``serve --emulate BUILD``): the folded dataflow
   model of a ``fedfinn hw build`` folder, executed bit-exactly
-  (:mod:`client_pynq.dataflow`; ``--engine finn``: FINN's own per-image
-  ``execute_onnx``, the slow reference). It takes the same ``.dat`` files the
-  board takes and decodes them into the model, so the weight files are what is
-  emulated, not a model on the side.
+  (:mod:`client_pynq.dataflow`). It takes the same ``.dat`` files the board
+  takes and decodes them into the model (with the layout the build measured),
+  so the weight files are what is emulated, not a model on the side. FINN's
+  own per-image execution, the slow reference, is ``fedfinn hw emulate``.
 * :class:`FastEmulator` (``serve --emulate BUILD --mode fast``): the round's
   QONNX export, turned into a plain ONNX graph (activation quantizers as
   Div/Add/Clip/Round/Sub/Mul, weights folded) with the build's input stage
@@ -26,7 +26,8 @@ images (already in the accelerator's input format) into class indices.
   deterministic stand-in for protocol tests and for checking an install.
 
 The board and synthetic backends need only numpy + the standard library;
-the emulators import onnx/qonnx/onnxruntime/finn lazily, on the host.
+the emulators need onnx/qonnx/onnxruntime (imported here only when an
+emulator is asked for), never finn or the rest of the project.
 """
 
 from __future__ import annotations
@@ -327,15 +328,15 @@ class BitExactEmulator(Backend):
     kind = "emulate-bitexact"
     bit_exact = True
     accepts = ("dat",)
+    mode = BITEXACT_LABEL
 
-    def __init__(self, build: str | os.PathLike, batch: int = 100, engine: str = "numpy",
-                 cache_dir: str | None = None):
-        from .dataflow import DataflowModel, find_folded_model
+    def __init__(self, build: str | os.PathLike, batch: int = 100, fallback=None):
+        # onnx/qonnx are on the host only: a board image imports this module without them
+        from .dataflow import DataflowModel, DatCodec, find_folded_model
 
         self.build = Path(build)
-        self.engine = engine
         self.model_path = find_folded_model(self.build)
-        self.df = DataflowModel(self.model_path)
+        self.df = DataflowModel(self.model_path, fallback=fallback)
         self.input_shape = tuple(self.df.in_shape[1:])
         self.input_dtype = "int8" if self.df.in_dt.signed else "uint8"
         self.default_batch = batch
@@ -343,13 +344,16 @@ class BitExactEmulator(Backend):
         rw = next((d for d in (self.build / "driver" / "runtime_weights", self.build / "runtime_weights")
                    if d.is_dir()), None)
         self.weight_files = sorted(p.name for p in rw.glob("*.dat")) if rw else []
-        self.codec = _load_codec(self.df, self.weight_files, cache_dir, self.model_path) if self.weight_files else None
-        self.mode = BITEXACT_LABEL + (" (FINN execute_onnx, per image)" if engine == "finn" else "")
-        self._finn = None
+        self.codec = DatCodec(rw) if self.weight_files else None
+        if self.codec is not None:
+            self.codec.check(self.df)
+            if self.codec.files != self.weight_files:
+                raise ValueError(f"{rw}: the layout file describes {len(self.codec.files)} files, "
+                                 f"the folder holds {len(self.weight_files)}")
 
     def info(self):
         d = super().info()
-        d.update({"build": str(self.build), "engine": self.engine, "fallback_layers": self.df.fallback_nodes})
+        d.update({"build": str(self.build), "fallback_layers": self.df.fallback_nodes})
         return d
 
     def set_weights(self, kind, files):
@@ -363,68 +367,16 @@ class BitExactEmulator(Backend):
         for name, data in files.items():
             try:
                 layer, value = self.codec.decode(name, bytes(data))
-            except (ValueError, KeyError, UnicodeDecodeError) as err:
+            except (ValueError, KeyError) as err:
                 raise BackendError("weights_mismatch", f"{name}: {err}") from None
             new[layer] = value
         for layer, value in new.items():  # all decoded first: nothing half-applied
             self.df.set_param(layer, value)
-        self._finn = None
         return {"layers": len(new)}
 
     def infer(self, batch):
-        if self.engine == "finn":
-            if self._finn is None:
-                self._finn = _finn_emulator(self.df)
-            return self._finn.predict(np.asarray(batch)).astype(np.int64)
         y = self.df.predict(np.asarray(batch))
         return y[:, 0].astype(np.int64)
-
-
-def _finn_emulator(df):
-    """hw.emulate.Emulator on the current parameters (FINN's execute_onnx, per image)."""
-    import copy
-
-    from hw.emulate import Emulator
-
-    m = copy.deepcopy(df.model)
-    for name, value in df.params.items():
-        m.set_initializer(name, value)
-    return Emulator(m)
-
-
-def _load_codec(df, names, cache_dir, model_path):
-    """DatCodec, with the measured layouts cached on disk (they depend only on the layer geometry)."""
-    import hashlib
-    import pickle
-
-    from .dataflow import DatCodec
-
-    h = hashlib.sha256()
-    for n in df.nodes:
-        if n.name in {name[:-4].split("_", 2)[-1] for name in names}:
-            h.update(repr((n.name, n.proto.op_type, sorted((k, str(v)) for k, v in n.attrs.items()),
-                           df.params[n.inputs[1]].shape, str(n.in_dt[1]))).encode())
-    h.update(repr(sorted(names)).encode())
-    cache = Path(cache_dir or os.environ.get("FEDFINN_CACHE", Path.home() / ".cache" / "fedfinn")) / "dat-layouts"
-    path = cache / f"{h.hexdigest()[:24]}.pkl"
-    if path.exists():
-        try:
-            with open(path, "rb") as f:
-                codec = pickle.load(f)
-            if codec.files == sorted(names):
-                return codec
-        except Exception:
-            pass
-    codec = DatCodec(df, names)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump(codec, f)
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return codec
 
 
 class FastEmulator(Backend):
@@ -442,9 +394,8 @@ class FastEmulator(Backend):
         if mean is None or std is None:
             mean, std = rec.get("mean"), rec.get("std")
             if mean is None or std is None:
-                from .fastonnx import DATASET_STATS
-
-                mean, std = DATASET_STATS[rec.get("dataset", "cifar10")]
+                raise ValueError("the fast emulator needs the input normalization: a build folder whose "
+                                 "build_config.json has mean and std, or mean= and std=")
         self.mean, self.std = list(mean), list(std)
         self.input_shape = tuple(input_shape)
         self.default_batch = batch
@@ -498,8 +449,7 @@ def make_backend(args) -> Backend:
     if getattr(args, "emulate", None):
         if args.mode == "fast":
             return FastEmulator(args.emulate, batch=args.batch_size or 100, threads=args.threads)
-        return BitExactEmulator(args.emulate, batch=args.batch_size or 100, engine=args.engine,
-                                cache_dir=args.cache_dir)
+        return BitExactEmulator(args.emulate, batch=args.batch_size or 100)
     if getattr(args, "deploy", None):
         return BoardBackend(args.deploy, batch=args.batch_size or 100, state_dir=args.state_dir,
                             power=not args.no_power)

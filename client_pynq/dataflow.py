@@ -1,8 +1,8 @@
 """Bit-exact, batched execution of a FINN dataflow model, and the runtime-weight file codec.
 
-Host side only (the emulation backend): imports onnx/qonnx at module level and
-finn lazily (for the ``.dat`` codec and for layers without a batched kernel).
-Nothing here is imported by the board agent unless ``--emulate`` is given.
+The emulation backend's engine: imports numpy, onnx and qonnx (never finn,
+never the rest of the project). Nothing here is imported by the board agent
+unless ``--emulate`` is given.
 
 :class:`DataflowModel` runs the folded model of a FINN build (the
 ``step_generate_estimate_reports`` model of ``hw build``, or the ``model.onnx``
@@ -21,31 +21,33 @@ cppsim/rtlsim against):
 
 Products run as one 2-D BLAS call per layer, in float32 when the layer's
 worst-case accumulator (from its data types) stays below 2^24 (every integer
-exact), else in float64. A layer without a batched kernel here falls back to
-FINN's own ``execute_node``, image by image (correct, slower; listed in
-``DataflowModel.fallback_nodes``). tests/test_client_pynq.py compares every
-intermediate tensor with FINN's ``execute_onnx``.
+exact), else in float64. A layer without a batched kernel here needs an
+execution handed in by the host side (``fallback``: hw.emulate.finn_fallback,
+FINN's own ``execute_node`` image by image; listed in
+``DataflowModel.fallback_nodes``); without one, the model is refused at load.
+tests/test_client_pynq.py compares every intermediate tensor with FINN's
+``execute_onnx``.
 
 :class:`DatCodec` turns the runtime-weight files FINN's driver generator writes
 (``runtime_weights/<partition>_<n>_<layer>.dat``: 32-bit hex words, what
 ``finn-plus-driver`` writes over AXI-lite) back into each layer's parameter
 tensor, so the emulator consumes exactly the bytes a board would. The bit
-layout is not re-implemented: it is *measured* once per layer by encoding
-probe tensors with FINN's own ``make_weight_file`` (each element's field
-position, then its index, ``bits`` bits of the index per probe), and checked by
-a round trip of a random tensor.
+layout is not re-implemented: the host measured it with FINN's own
+``make_weight_file`` when it built the accelerator (hw/datfiles.py) and stored
+it beside the files (``runtime_weights_layout.json`` / ``.npz``).
 """
 
 from __future__ import annotations
 
-import math
+import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from onnx import helper as _oh
+from qonnx.core.modelwrapper import ModelWrapper
 
 _EXACT_F32 = 2**24
 
@@ -114,15 +116,6 @@ def generic_op(node) -> str:
     if node.domain.endswith(".hls") or node.domain.endswith(".rtl"):
         return node.op_type.rsplit("_", 1)[0]
     return node.op_type
-
-
-def _prepare_finn() -> None:
-    """The project's one place for finn-plus's environment (FINN_BUILD_DIR, no ~/.finn), if present."""
-    try:
-        from hw.finn_env import prepare
-    except ImportError:  # client_pynq used outside the repository: finn's defaults
-        return
-    prepare()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -205,9 +198,7 @@ class DataflowModel:
         "StreamingDataWidthConverter", "StreamingFIFO",
     }
 
-    def __init__(self, model):
-        from qonnx.core.modelwrapper import ModelWrapper
-
+    def __init__(self, model, fallback: Callable | None = None):
         if not isinstance(model, ModelWrapper):
             model = ModelWrapper(str(model))
         self.model = model
@@ -219,7 +210,10 @@ class DataflowModel:
         self.params: dict[str, np.ndarray] = {i.name: model.get_initializer(i.name) for i in g.initializer}
         self.nodes = [_Node(n, model) for n in g.node]
         self.fallback_nodes = [n.name for n in self.nodes if n.op not in self.BATCHED]
-        self._fallback_model = None
+        if self.fallback_nodes and fallback is None:
+            raise ValueError(f"no batched kernel here for {', '.join(self.fallback_nodes)}; the host side can "
+                             "hand in FINN's own execution for them (hw.emulate.finn_fallback)")
+        self.fallback = fallback  # fallback(model, node name, {input name: batch}, n) -> list of outputs
 
     # -- parameters
     def param_name(self, layer: str, index: int = 1) -> str:
@@ -392,73 +386,44 @@ class DataflowModel:
     def _op_StreamingFIFO(self, nd, args):
         return [args[0]]
 
-    # -- fallback: FINN's own execution, one image at a time
+    # -- layers without a batched kernel: the execution handed in by the host side
     def _fallback(self, nd, args, n):
-        _prepare_finn()
-        import finn.custom_op.fpgadataflow  # noqa: F401  (registers FINN's custom ops)
-        from qonnx.custom_op.registry import getCustomOp as get_op
-
-        if self._fallback_model is None:
-            import copy
-
-            m = copy.deepcopy(self.model)
-            for node in m.graph.node:
-                if node.domain in ("finn.custom_op.fpgadataflow.hls", "finn.custom_op.fpgadataflow.rtl"):
-                    node.op_type = generic_op(node)
-                    node.domain = "finn.custom_op.fpgadataflow"
-            self._fallback_model = m
-        m = self._fallback_model
-        node = next(x for x in m.graph.node if x.name == nd.name)
-        inst = get_op(node)
-        outs = [[] for _ in nd.outputs]
-        for i in range(n):
-            ctx = {}
-            for t, a in zip(nd.inputs, args):
-                if t in self.params:
-                    ctx[t] = self.params[t]
-                elif a is not None:
-                    ctx[t] = a[i : i + 1].reshape(m.get_tensor_shape(t))
-            for t in nd.outputs:
-                ctx[t] = np.zeros(m.get_tensor_shape(t), dtype=np.float32)
-            inst.execute_node(ctx, m.graph)
-            for j, t in enumerate(nd.outputs):
-                outs[j].append(ctx[t])
-        return [np.concatenate(o, 0) for o in outs]
+        inputs = {t: (self.params[t] if t in self.params else a) for t, a in zip(nd.inputs, args)}
+        return self.fallback(self.model, nd.name, inputs, n)
 
 
 # ----------------------------------------------------------------------------- .dat codec
 
 
+LAYOUT_JSON = "runtime_weights_layout.json"  # written by the host's hw build (hw/datfiles.py)
+LAYOUT_NPZ = "runtime_weights_layout.npz"
+MAX_WORD = 0xFFFFFFFF
+
+
 def parse_dat(data: bytes | str) -> np.ndarray:
-    """Words of a runtime-weight file (whitespace-separated hex, each < 2^32) as uint32."""
-    text = data.decode("ascii") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    toks = text.split()
-    if not toks:
-        return np.zeros(0, dtype=np.uint32)
+    """Words of a runtime-weight file (whitespace-separated hex, each 0..2^32-1) as uint32."""
     try:
-        # fixed-width 8-digit words: vectorized parse
-        if all(len(t) <= 8 for t in toks):
-            return np.array([int(t, 16) for t in toks], dtype=np.uint64).astype(np.uint32)
+        text = data.decode("ascii") if isinstance(data, (bytes, bytearray, memoryview)) else data
+    except UnicodeDecodeError:
+        raise ValueError("not a runtime-weight file (ASCII hex words expected)") from None
+    toks = text.split()
+    if any(len(t) > 8 for t in toks):
+        raise ValueError("runtime-weight words must be at most 32 bits (8 hex digits)")
+    try:
+        words = [int(t, 16) for t in toks]
     except ValueError as err:
         raise ValueError(f"not a runtime-weight file (hex words expected): {err}") from None
-    raise ValueError("runtime-weight words must be at most 32 bits (8 hex digits)")
-
-
-def split_dat_name(fname: str) -> tuple[int, int, str]:
-    """``10_0_MVAU_hls_4.dat`` -> (10, 0, "MVAU_hls_4")."""
-    stem = fname[:-4] if fname.endswith(".dat") else fname
-    parts = stem.split("_", 2)
-    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
-        raise ValueError(f"{fname!r} is not a FINN runtime-weight file name (<partition>_<n>_<layer>.dat)")
-    return int(parts[0]), int(parts[1]), parts[2]
+    if any(w < 0 or w > MAX_WORD for w in words):  # int() takes "-1"
+        raise ValueError("runtime-weight words must be unsigned 32-bit values")
+    return np.array(words, dtype=np.uint64).astype(np.uint32)
 
 
 @dataclass
 class _LayerCodec:
     layer: str
     shape: tuple
-    dtype: DType
     bipolar: bool
+    signed: bool
     words: int  # words in the file
     lsb: np.ndarray  # bit position of each field's least significant bit
     index: np.ndarray  # flat element index of each field
@@ -473,7 +438,7 @@ class _LayerCodec:
             codes |= bits[self.lsb + j].astype(np.int64) << j
         if self.bipolar:
             vals = 2 * codes - 1
-        elif self.dtype.signed and self.dtype.name != "TERNARY":
+        elif self.signed:
             vals = np.where(codes >= 2 ** (self.width - 1), codes - 2**self.width, codes)
         else:
             vals = codes
@@ -483,79 +448,31 @@ class _LayerCodec:
 
 
 class DatCodec:
-    """Maps a build's runtime-weight files to the layers' parameter tensors (module docstring)."""
+    """Maps a build's runtime-weight files to the layers' parameter tensors (module docstring).
 
-    def __init__(self, df: DataflowModel, file_names: list[str]):
-        _prepare_finn()
-        from qonnx.custom_op.registry import getCustomOp
+    The layout of every file was measured by the host when it built the accelerator
+    (``runtime_weights_layout.json`` / ``.npz`` beside the ``.dat`` files); nothing
+    here needs FINN.
+    """
 
-        import finn.custom_op.fpgadataflow  # noqa: F401  (registers FINN's custom ops)
+    def __init__(self, layout_dir: str | os.PathLike):
+        layout_dir = Path(layout_dir)
+        meta = json.loads((layout_dir / LAYOUT_JSON).read_text())
+        with np.load(layout_dir / LAYOUT_NPZ, allow_pickle=False) as arrays:
+            self.layers = {
+                fname: _LayerCodec(m["layer"], tuple(m["shape"]), bool(m["bipolar"]), bool(m["signed"]),
+                                   int(m["words"]), arrays[f"lsb_{m['arrays']}"], arrays[f"index_{m['arrays']}"],
+                                   int(m["width"]))
+                for fname, m in meta["files"].items()
+            }
+        self.files = sorted(self.layers)
 
-        try:
-            from hw.packing import fast_packing
-        except Exception:  # pragma: no cover - hw/ not importable: FINN's own packer (slower)
-            import contextlib
-
-            fast_packing = contextlib.nullcontext
-        self.layers: dict[str, _LayerCodec] = {}
-        self.files = sorted(file_names)
-        with fast_packing(), tempfile.TemporaryDirectory(prefix="fedfinn-datcodec-") as tmp:
-            for fname in self.files:
-                _, _, layer = split_dat_name(fname)
-                node = df.model.get_node_from_name(layer)
-                if node is None:
-                    raise ValueError(f"{fname}: no layer {layer!r} in the dataflow model")
-                inst = getCustomOp(node)
-                self.layers[fname] = self._measure(inst, df, node, layer, Path(tmp) / "probe.dat")
-
-    @staticmethod
-    def _measure(inst, df, node, layer, path) -> _LayerCodec:
-        w0 = df.params[node.input[1]]
-        shape = tuple(w0.shape)
-        n = int(np.prod(shape))
-        dt = DType.parse(df.model.get_tensor_datatype(node.input[1]))
-        bipolar = dt.name == "BIPOLAR"
-        width = 1 if bipolar else dt.bits
-
-        def code_to_value(c: np.ndarray) -> np.ndarray:
-            if bipolar:
-                return 2 * c - 1
-            if dt.signed and dt.name != "TERNARY":
-                return np.where(c >= 2 ** (width - 1), c - 2**width, c)
-            return c
-
-        def encode(codes: np.ndarray) -> np.ndarray:
-            vals = code_to_value(codes.astype(np.int64)).reshape(shape).astype(np.float32)
-            inst.make_weight_file(vals, "decoupled_runtime", str(path))
-            return parse_dat(path.read_text())
-
-        if dt.name == "TERNARY" or not dt.integer:
-            raise ValueError(f"{layer}: runtime weights of type {dt.name} are not supported by the emulator")
-        ones = encode(np.ones(n, dtype=np.int64))
-        bits1 = np.unpackbits(ones.astype("<u4").view(np.uint8), bitorder="little")
-        lsb = np.flatnonzero(bits1)
-        zeros = encode(np.zeros(n, dtype=np.int64))
-        if zeros.any() or len(lsb) < n:
-            raise ValueError(f"{layer}: the weight-file layout could not be measured")
-        index = np.zeros(len(lsb), dtype=np.int64)
-        ids = np.arange(n, dtype=np.int64)
-        mask = (1 << width) - 1
-        for shift in range(0, max(1, int(math.ceil(math.log2(max(n, 2))))), width):
-            probe = encode((ids >> shift) & mask)
-            b = np.unpackbits(probe.astype("<u4").view(np.uint8), bitorder="little")
-            field_val = np.zeros(len(lsb), dtype=np.int64)
-            for j in range(width):
-                field_val |= b[lsb + j].astype(np.int64) << j
-            index |= field_val << shift
-        if index.max(initial=0) >= n or len(np.unique(index)) != n:
-            raise ValueError(f"{layer}: the weight-file layout could not be measured (indices)")
-        codec = _LayerCodec(layer, shape, dt, bipolar, len(ones), lsb, index, width)
-        # round trip of a random tensor
-        rng = np.random.default_rng(0)
-        rnd = rng.integers(0, 2**width, size=n)
-        if not np.array_equal(codec.decode(encode(rnd)).reshape(-1), code_to_value(rnd).astype(np.float32)):
-            raise ValueError(f"{layer}: weight-file round trip failed")
-        return codec
+    def check(self, df: "DataflowModel") -> None:
+        """Every file's layer exists in ``df`` with the parameter shape the layout was measured for."""
+        for fname, c in self.layers.items():
+            shape = tuple(df.get_param(c.layer).shape)
+            if shape != c.shape:
+                raise ValueError(f"{fname}: layout for shape {c.shape}, the model's {c.layer} has {shape}")
 
     def decode(self, fname: str, data: bytes) -> tuple[str, np.ndarray]:
         """(layer name, parameter tensor) of one runtime-weight file."""

@@ -24,12 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-#: mean/std per data set, as training/data.py and hw/build.py define them (0..1 scale).
-DATASET_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-
 _ROUNDING = {"ROUND": "Round", "HALF_EVEN": "Round", "FLOOR": "Floor", "CEIL": "Ceil"}
 
 

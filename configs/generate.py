@@ -6,6 +6,8 @@ rewrites them if the rows change:  python configs/generate.py
 
 from pathlib import Path
 
+import tomli_w
+
 HERE = Path(__file__).resolve().parent
 
 # (file stem, [compression] keys) for each row of the poster's CIFAR-10 table
@@ -36,26 +38,9 @@ SMALL = {"data": {"images_per_client": 1000, "test_images": 5000},
 DEPLOYABLE = [("cnv_w2a2", "cnv-w2a2"), ("cnv_w4a4", "cnv-w4a4"), ("resnet12bn_w4a4", "resnet12-bn-w4a4")]
 
 
-def toml(name: str, sections: dict) -> str:
-    lines = []
-    for section, values in sections.items():
-        if not values:
-            continue
-        lines.append(f"[{section}]")
-        for k, v in values.items():
-            if isinstance(v, bool):
-                lines.append(f"{k} = {str(v).lower()}")
-            elif isinstance(v, list):
-                lines.append(f"{k} = [{', '.join(map(str, v))}]")
-            else:
-                lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
-        lines.append("")
-    return "\n".join(lines)
-
-
 def write(folder: Path, header: str, stem: str, sections: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.toml").write_text(header + "\n" + toml(stem, sections))
+    (folder / f"{stem}.toml").write_text(header + "\n" + tomli_w.dumps({k: v for k, v in sections.items() if v}))
 
 
 def main() -> None:

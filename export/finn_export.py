@@ -23,20 +23,23 @@ activations at 8 bits) and each one moved a logit by ~1e-3.
 No other value changes.
 
 finn is imported lazily: without finn-plus, ``to_finn_onnx`` raises
-``FinnUnavailableError`` naming the package and ``make install-hw``.
-finn-plus reads ``FINN_BUILD_DIR``; if unset, a temporary folder is used
-(nothing is built in it by the conversion). ``FINN_SETTINGS`` is left alone;
-the conversion does not create ``~/.finn``.
+``FinnUnavailableError`` naming the package and ``make install-hw``. Its
+environment (``FINN_BUILD_DIR``, settings) is export.finn_env's.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.fold_constants import FoldConstants
+from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames, RemoveStaticGraphInputs
+from qonnx.transformation.infer_datatypes import InferDataTypes
+from qonnx.transformation.infer_shapes import InferShapes
 
+from .finn_env import finn_missing
 from .qonnx_export import NotDeployableError, finn_blockers, not_deployable_message
 
 
@@ -44,28 +47,13 @@ class FinnUnavailableError(RuntimeError):
     pass
 
 
-FINN_MISSING = (
-    "the FINN-ONNX conversion needs the 'finn' package (finn-plus 1.6.1), which is not installed "
-    "in this environment; install it with `make install-hw` (QONNX export works without it: --no-finn)"
-)
+def _convert_qonnx_to_finn():
+    """finn-plus's ConvertQONNXtoFINN; finn-plus is optional (make install-hw), so it is imported here."""
+    why = finn_missing()
+    if why is not None:
+        raise FinnUnavailableError(why)
+    from finn.transformation.qonnx.convert_qonnx_to_finn import ConvertQONNXtoFINN
 
-
-def finn_available() -> bool:
-    try:
-        _import_finn()
-    except FinnUnavailableError:
-        return False
-    return True
-
-
-def _import_finn():
-    if not os.environ.get("FINN_BUILD_DIR"):
-        os.environ["FINN_BUILD_DIR"] = tempfile.mkdtemp(prefix="fedfinn-finn-build-")
-    Path(os.environ["FINN_BUILD_DIR"]).mkdir(parents=True, exist_ok=True)
-    try:
-        from finn.transformation.qonnx.convert_qonnx_to_finn import ConvertQONNXtoFINN
-    except ImportError as err:
-        raise FinnUnavailableError(f"{FINN_MISSING} ({err})") from None
     return ConvertQONNXtoFINN
 
 
@@ -115,22 +103,11 @@ def _output_scale(wrapper, mt_node) -> np.ndarray | None:
 
 def to_finn_onnx(qonnx_path: str | Path, out_path: str | Path, what: str | None = None):
     """Convert a QONNX file to FINN-ONNX at ``out_path``; returns the ModelWrapper."""
-    from qonnx.core.modelwrapper import ModelWrapper
-
     wrapper = ModelWrapper(str(qonnx_path))
     reasons = finn_blockers(wrapper)
     if reasons:
         raise NotDeployableError(not_deployable_message(what or f"the graph {qonnx_path}", reasons))
-    ConvertQONNXtoFINN = _import_finn()
-    from qonnx.transformation.fold_constants import FoldConstants
-    from qonnx.transformation.general import (
-        GiveReadableTensorNames,
-        GiveUniqueNodeNames,
-        RemoveStaticGraphInputs,
-    )
-    from qonnx.transformation.infer_datatypes import InferDataTypes
-    from qonnx.transformation.infer_shapes import InferShapes
-
+    ConvertQONNXtoFINN = _convert_qonnx_to_finn()
     wrapper = wrapper.transform(ConvertQONNXtoFINN())
     match_quant_tie_rounding(wrapper)
     for step in (InferShapes(), FoldConstants(), GiveUniqueNodeNames(), GiveReadableTensorNames(),

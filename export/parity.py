@@ -14,13 +14,20 @@ graph is executed on a batch-N copy (qonnx ``ChangeBatchSize``), in chunks of
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.transformation.change_batchsize import ChangeBatchSize
+from qonnx.transformation.infer_shapes import InferShapes
 from torch import nn
+
+from .finn_env import finn_missing
+from .finn_export import FinnUnavailableError
 
 TOLERANCE = 1e-4  # max |logit difference| accepted by the checks
 
@@ -59,15 +66,11 @@ def torch_logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> np.ndar
 
 def execute(graph_path: str | Path, x: np.ndarray, kind: str = "qonnx", batch: int = 64) -> np.ndarray:
     """Logits of an ONNX graph on ``x`` (float32 NCHW), executed node by node."""
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.transformation.change_batchsize import ChangeBatchSize
-    from qonnx.transformation.infer_shapes import InferShapes
-
     if kind == "finn":
-        from .finn_export import _import_finn
-
-        _import_finn()
-        from finn.core.onnx_exec import execute_onnx
+        why = finn_missing()
+        if why is not None:
+            raise FinnUnavailableError(why)
+        from finn.core.onnx_exec import execute_onnx  # finn-plus is optional (make install-hw)
     elif kind == "qonnx":
         from qonnx.core.onnx_exec import execute_onnx
     else:
@@ -93,8 +96,6 @@ def execute(graph_path: str | Path, x: np.ndarray, kind: str = "qonnx", batch: i
 
 def parity(model: nn.Module, graph_path: str | Path, x: torch.Tensor, kind: str = "qonnx",
            reference: np.ndarray | None = None) -> Parity:
-    import time
-
     ref = torch_logits(model, x) if reference is None else reference
     t0 = time.perf_counter()
     out = execute(graph_path, x.numpy(), kind)

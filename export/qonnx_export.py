@@ -34,6 +34,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from brevitas.export import export_qonnx
+from onnx import helper
+from qonnx.core.modelwrapper import ModelWrapper
+from qonnx.util.cleanup import cleanup_model
 from torch import nn
 
 INPUT_SHAPE = (1, 3, 32, 32)
@@ -68,10 +72,6 @@ def _quiet():
 
 def to_qonnx(model: nn.Module, path: str | Path, input_shape=INPUT_SHAPE, dynamo: bool = False):
     """Export ``model`` as a cleaned-up QONNX graph at ``path``; returns the qonnx ModelWrapper."""
-    from brevitas.export import export_qonnx
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.util.cleanup import cleanup_model
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -93,8 +93,6 @@ def to_qonnx(model: nn.Module, path: str | Path, input_shape=INPUT_SHAPE, dynamo
 
 def _fix_unsigned_binary(wrapper):
     """BipolarQuant after a Relu (an unsigned 1-bit QuantReLU) -> Quant(bits 1, unsigned, zero point 0)."""
-    from onnx import helper
-
     graph = wrapper.graph
     for node in list(graph.node):
         if node.op_type != "BipolarQuant" or wrapper.get_initializer(node.input[0]) is not None:

@@ -1,11 +1,9 @@
 """Export the global model of a round: ``runs/<name>/qonnx/round_NNN.onnx`` and ``finn/round_NNN.onnx``.
 
-* ``export_round(model, run_dir, server_round, model_name=...)``: what the
-  server calls every k rounds with its global model (already loaded);
-* ``export_run(run_dir, round=None)``: what ``fedfinn export RUN`` calls:
-  rebuilds the model of a run from ``config.toml`` and a checkpoint
-  (``checkpoints/round_NNN.ffnc``; the last one by default), exports it and
-  checks parity on the first test images of the run's dataset.
+``export_round(model, run_dir, server_round, model_name=...)`` is what the
+server's export observer (fedfinn.rounds) calls every k rounds with its global
+model, and what ``fedfinn export RUN`` calls with a checkpoint's model
+(fedfinn.export_commands).
 
 Deployable models (``cnv-wXaY``, ``resnet12-bn-wXaY``) get both files. The
 study model (``resnet12``) exports to QONNX; asking for its FINN conversion
@@ -15,21 +13,19 @@ reasons and the model to use instead.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from .finn_export import FINN_MISSING, finn_available, to_finn_onnx
+from training.models import is_deployable
+
+from .finn_env import finn_missing
+from .finn_export import to_finn_onnx
 from .parity import Parity, parity, torch_logits
 from .qonnx_export import NotDeployableError, finn_blockers, not_deployable_message, to_qonnx
-
-_ROUND_FILE = re.compile(r"^round_(\d+)\.ffnc$")
-
 
 @dataclass
 class ExportResult:
@@ -108,8 +104,8 @@ def export_round(
             if finn:
                 raise NotDeployableError(not_deployable_message(what, reasons) + f" (QONNX written: {qonnx_path})")
             result.notes.append(f"no FINN-ONNX: {what} is not deployable")
-        elif finn is None and not finn_available():
-            result.notes.append(f"no FINN-ONNX: {FINN_MISSING}")
+        elif finn is None and finn_missing() is not None:
+            result.notes.append(f"no FINN-ONNX: {finn_missing()}")
         else:
             t1 = time.perf_counter()
             to_finn_onnx(qonnx_path, finn_path, what=what)
@@ -123,68 +119,4 @@ def export_round(
 
 
 def _deployable(model_name: str | None) -> bool | None:
-    if model_name is None:
-        return None
-    from training.models import is_deployable
-
-    return is_deployable(model_name)
-
-
-def checkpoint_rounds(run_dir: str | Path) -> list[int]:
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _ROUND_FILE.match(p.name)))
-
-
-def load_round(run_dir: str | Path, server_round: int | None = None):
-    """(config, model, round) of a run folder's checkpoint (the last one if ``server_round`` is None)."""
-    from training.compress import message_to_model
-    from training.config import load_config
-    from training.task import make_model
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
-    rounds = checkpoint_rounds(run_dir)
-    if not rounds:
-        raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/round_NNN.ffnc)")
-    if server_round is None:
-        server_round = rounds[-1]
-    elif server_round not in rounds:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint of round {server_round} "
-                                f"(checkpointed rounds: {', '.join(map(str, rounds))})")
-    cfg = load_config(cfg_path)
-    model = make_model(cfg)
-    message_to_model(model, (run_dir / "checkpoints" / f"round_{server_round:03d}.ffnc").read_bytes())
-    model.eval()
-    return cfg, model, server_round
-
-
-def first_test_images(cfg, n: int) -> torch.Tensor:
-    """The first ``n`` test images of the run's dataset, normalized as the training loop does."""
-    from training.data import normalize
-    from training.task import dataset
-
-    d = dataset(cfg)
-    return normalize(d.test_x[:n], d.mean, d.std)
-
-
-def export_run(
-    run_dir: str | Path,
-    round: int | None = None,  # noqa: A002 - the CLI's name for it
-    finn: bool = True,
-    images: int = 64,
-    dynamo: bool = False,
-    log: Callable[[str], None] | None = None,
-) -> ExportResult:
-    """Export a run's checkpoint; ``images`` test images (0 = none) check parity."""
-    cfg, model, server_round = load_round(run_dir, round)
-    x = first_test_images(cfg, images) if images > 0 else None
-    result = export_round(model, run_dir, server_round, model_name=cfg.model.name, finn=finn,
-                          check_images=x, dynamo=dynamo)
-    if log is not None:
-        for line in result.lines():
-            log(line)
-    return result
+    return None if model_name is None else is_deployable(model_name)

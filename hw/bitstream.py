@@ -15,19 +15,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from hw.finn_env import prepare, vivado_info
+from qonnx.core.modelwrapper import ModelWrapper
+
+from export.finn_env import vivado_info
+
+from .build import BITSTREAM_STEPS, FINAL_STEP, HW_STEPS, find_intermediate, run_steps
+from .weights import load_config
 
 
 def run_bitstream(build_dir: str | Path) -> dict:
     info = vivado_info()
     if not info.present:
         raise RuntimeError("Vivado not found: " + "; ".join(info.missing))
-    prepare()
-    from qonnx.core.modelwrapper import ModelWrapper
-
-    from hw.build import BITSTREAM_STEPS, FINAL_STEP, HW_STEPS, find_intermediate, run_steps
-    from hw.weights import load_config
-
     build_dir = Path(build_dir)
     cfg = load_config(build_dir)
     model = ModelWrapper(str(find_intermediate(build_dir, FINAL_STEP)))

@@ -45,10 +45,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from hw.finn_env import prepare as _prepare_env
-from hw.finn_env import use_finn_build_dir
+from export.finn_env import prepare, use_finn_build_dir
 
-_prepare_env()  # FINN_BUILD_DIR, settings and the no-Vivado work-around, before finn.builder
+prepare()  # FINN_BUILD_DIR, settings and the no-Vivado work-around, before finn.builder
 
 from finn.builder.build_dataflow_config import (  # noqa: E402
     AutoFIFOSizingMethod,
@@ -58,16 +57,38 @@ from finn.builder.build_dataflow_config import (  # noqa: E402
 )
 from finn.builder.build_dataflow_steps import build_dataflow_step_lookup  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+from qonnx.core.datatype import DataType  # noqa: E402
+from qonnx.transformation.insert_topk import InsertTopK  # noqa: E402
+from qonnx.util.cleanup import cleanup_model  # noqa: E402
+from finn.transformation.streamline import Streamline  # noqa: E402
+from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames, RemoveUnusedTensors  # noqa: E402
+from qonnx.transformation.infer_data_layouts import InferDataLayouts  # noqa: E402
+from qonnx.transformation.infer_datatypes import InferDataTypes  # noqa: E402
+from qonnx.transformation.infer_shapes import InferShapes  # noqa: E402
+import finn.transformation.streamline.absorb as A  # noqa: E402
+import finn.transformation.streamline.reorder as R  # noqa: E402
+from finn.util.fpgadataflow import is_fpgadataflow_node  # noqa: E402
+from qonnx.custom_op.registry import getCustomOp  # noqa: E402
+from finn.transformation.fpgadataflow.set_folding import SetFolding  # noqa: E402
+from finn.transformation.qonnx.give_unique_node_names_recursive import GiveUniqueNodeNamesRecursive  # noqa: E402
+from finn.util.basic import getHWCustomOp  # noqa: E402
+from finn.util.fpgadataflow import is_hls_node, is_rtl_node  # noqa: E402
+from finn.util.config import extract_model_config_to_json  # noqa: E402
+from finn.transformation.fpgadataflow.create_dataflow_partition import CreateDataflowPartition  # noqa: E402
+from finn.transformation.fpgadataflow.floorplan import Floorplan  # noqa: E402
+from finn.transformation.fpgadataflow.insert_dwc import InsertDWC  # noqa: E402
+from finn.transformation.fpgadataflow.insert_iodma import InsertIODMA  # noqa: E402
+from finn.transformation.fpgadataflow.make_driver import MakePYNQDriver  # noqa: E402
+from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers  # noqa: E402
 
-from hw.boards import USABLE, Board, get_board  # noqa: E402
+from .boards import USABLE, Board, get_board  # noqa: E402
+from .datfiles import write_layout  # noqa: E402
+from .estimate import estimate  # noqa: E402
+from .report import write_report  # noqa: E402
+from .transforms import MergeIdenticalTransposes, ReduceMeanToGlobalAccPool  # noqa: E402
 
 log = logging.getLogger("fedfinn.hw")
-
-#: Per-channel statistics used by the model's normalization (training/data.py).
-DATASET_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
 
 #: The steps of ``make hw`` (everything that runs without Vivado).
 HW_STEPS = [
@@ -108,8 +129,8 @@ class HwBuildConfig(DataflowBuildConfig):
 
     #: Name of the build (folder name under build/).
     name: str = "model"
-    #: Data set whose per-channel mean/std the model was trained with
-    #: (``step_preprocess_io``); ``mean``/``std`` override it.
+    #: Data set the model was trained on, and its per-channel mean/std on a 0..1 scale
+    #: (``step_preprocess_io`` prepends that normalization; the caller passes them in).
     dataset: str = "cifar10"
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
@@ -142,12 +163,10 @@ class HwBuildConfig(DataflowBuildConfig):
         return 1000.0 / self.synth_clk_period_ns
 
     def input_stats(self) -> tuple[list[float], list[float]]:
-        if self.mean is not None and self.std is not None:
-            return list(self.mean), list(self.std)
-        if self.dataset not in DATASET_STATS:
-            raise ValueError(f"no mean/std known for data set {self.dataset!r}; pass mean and std")
-        m, s = DATASET_STATS[self.dataset]
-        return list(m), list(s)
+        if self.mean is None or self.std is None:
+            raise ValueError(f"the build needs the input normalization of {self.dataset!r}: pass mean and std "
+                             "(training.data.dataset_stats)")
+        return list(self.mean), list(self.std)
 
     def record(self) -> dict:
         """The fields a later step / weights update needs, as plain JSON."""
@@ -297,11 +316,6 @@ def build(cfg: HwBuildConfig, echo=print) -> dict:
 @register
 def step_preprocess_io(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     """Raw UINT8 NHWC image in (normalization prepended), class index out (TopK 1)."""
-    from onnx import TensorProto, helper
-    from qonnx.core.datatype import DataType
-    from qonnx.transformation.insert_topk import InsertTopK
-    from qonnx.util.cleanup import cleanup_model
-
     model = cleanup_model(model)
     if not cfg.preprocess_io:
         return model
@@ -367,12 +381,6 @@ def step_streamline_residual(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWr
     They repeat until nothing changes. A graph that is already clean (CNV)
     passes through unchanged.
     """
-    from finn.transformation.streamline import Streamline
-    from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames, RemoveUnusedTensors
-    from qonnx.transformation.infer_data_layouts import InferDataLayouts
-    from qonnx.transformation.infer_datatypes import InferDataTypes
-    from qonnx.transformation.infer_shapes import InferShapes
-
     model = build_dataflow_step_lookup["step_streamline"](model, cfg)
     if not _needs_residual_passes(model):
         return model
@@ -405,10 +413,6 @@ def _needs_residual_passes(model: ModelWrapper) -> bool:
 
 
 def _residual_transforms():
-    import finn.transformation.streamline.absorb as A
-    import finn.transformation.streamline.reorder as R
-
-    from hw.transforms import MergeIdenticalTransposes, ReduceMeanToGlobalAccPool
 
     return [
         R.MoveScalarLinearPastFork(),
@@ -437,8 +441,6 @@ def _float_ops(model: ModelWrapper) -> list[str]:
 
 
 def _weight_layers(model: ModelWrapper):
-    from finn.util.fpgadataflow import is_fpgadataflow_node
-
     for n in model.graph.node:
         if is_fpgadataflow_node(n) and n.op_type.split("_")[0] in ("MVAU", "VVAU", "Thresholding"):
             yield n
@@ -447,8 +449,6 @@ def _weight_layers(model: ModelWrapper):
 @register
 def step_runtime_writeable(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     """Weights and thresholds in decoupled memories, writable at run time."""
-    from qonnx.custom_op.registry import getCustomOp
-
     if not cfg.runtime_weights:
         return model
     for n in _weight_layers(model):
@@ -461,42 +461,10 @@ def step_runtime_writeable(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrap
     return model
 
 
-def estimate(model: ModelWrapper, cfg: HwBuildConfig) -> dict:
-    """Throughput, latency and resource estimates of a folded dataflow model."""
-    from finn.analysis.fpgadataflow.dataflow_performance import dataflow_performance
-    from finn.analysis.fpgadataflow.op_and_param_counts import aggregate_dict_keys
-    from finn.analysis.fpgadataflow.res_estimation import res_estimation
-    from finn.transformation.fpgadataflow.annotate_cycles import AnnotateCycles
-
-    m = model.transform(AnnotateCycles())
-    perf = m.analysis(dataflow_performance)
-    res = m.analysis(lambda mm: res_estimation(mm, cfg.fpga_part))
-    total = aggregate_dict_keys(res)
-    clock_hz = 1e9 / cfg.synth_clk_period_ns
-    fps = clock_hz / perf["max_cycles"]
-    cap = cfg.board_info.capacity()
-    util = {k: (total.get(k, 0.0) / cap[k] if cap[k] else (0.0 if total.get(k, 0.0) == 0 else math.inf))
-            for k in cap}
-    fits = all(util[k] <= cfg.usable.get(k, 1.0) for k in cap)
-    return {
-        "fps": fps,
-        "latency_ms": perf["critical_path_cycles"] * cfg.synth_clk_period_ns * 1e-6,
-        "max_cycles": int(perf["max_cycles"]),
-        "max_cycles_node": perf.get("max_cycles_node_name"),
-        "critical_path_cycles": int(perf["critical_path_cycles"]),
-        "resources": {k: float(total.get(k, 0.0)) for k in cap},
-        "utilization": util,
-        "fits": fits,
-    }
-
-
 def _fold(model: ModelWrapper, cfg: HwBuildConfig, fps: float) -> tuple[ModelWrapper, dict]:
     """SetFolding for ``fps`` (+ the bit-width minimization the build applies after
     it, for the estimate); if that does not fit, :func:`rebalance` the memories
     and multipliers."""
-    from finn.transformation.fpgadataflow.set_folding import SetFolding
-    from finn.transformation.qonnx.give_unique_node_names_recursive import GiveUniqueNodeNamesRecursive
-
     cycles = max(1, int(1e9 / cfg.synth_clk_period_ns / fps))
     m = model.transform(SetFolding(cycles, mvau_wwidth_max=cfg.mvau_wwidth_max,
                                    two_pass_relaxation=cfg.folding_two_pass_relaxation))
@@ -539,9 +507,6 @@ def rebalance(model: ModelWrapper, cfg: HwBuildConfig, max_moves: int = 60) -> l
     from finn-plus's per-layer res_estimation). Returns the moves
     ``(layer, attribute, value)``; ``model`` is left unchanged.
     """
-    from finn.util.basic import getHWCustomOp
-    from finn.util.fpgadataflow import is_hls_node, is_rtl_node
-
     part = cfg.fpga_part
     model = ModelWrapper(copy.deepcopy(model.model))  # work on a copy
     nodes = [n for n in model.graph.node if is_hls_node(n) or is_rtl_node(n)]
@@ -595,8 +560,6 @@ def rebalance(model: ModelWrapper, cfg: HwBuildConfig, max_moves: int = 60) -> l
 
 
 def _apply_moves(model: ModelWrapper, moves) -> None:
-    from finn.util.basic import getHWCustomOp
-
     for name, a, v in moves:
         getHWCustomOp(model.get_node_from_name(name)).set_nodeattr(a, v)
 
@@ -611,8 +574,6 @@ def step_fold_to_budget(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper
       the target between 1 image/s and ``target_fps`` / ``max_target_fps`` /
       the fully parallel design.
     """
-    from finn.util.config import extract_model_config_to_json
-
     report_dir = cfg.get_report_directory()
     if cfg.folding_config_file is not None:
         return model
@@ -674,15 +635,6 @@ def step_pynq_driver(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
 
 
 def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) -> Path:
-    from finn.transformation.fpgadataflow.create_dataflow_partition import CreateDataflowPartition
-    from finn.transformation.fpgadataflow.floorplan import Floorplan
-    from finn.transformation.fpgadataflow.insert_dwc import InsertDWC
-    from finn.transformation.fpgadataflow.insert_iodma import InsertIODMA
-    from finn.transformation.fpgadataflow.make_driver import MakePYNQDriver
-    from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
-    from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames
-    from qonnx.transformation.infer_data_layouts import InferDataLayouts
-
     board = cfg.board_info
     m = model.transform(InferDataLayouts())
     part_dir = cfg.get_intermediate_models_directory() / "driver_partitions"
@@ -694,8 +646,6 @@ def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) ->
         m = m.transform(GiveUniqueNodeNames())
         m = m.transform(GiveReadableTensorNames())
     # instance names as MakeZYNQProject gives them (the driver looks the DMAs up by name)
-    from qonnx.custom_op.registry import getCustomOp
-
     idma = odma = 0
     for sdp in m.get_nodes_by_op_type("StreamingDataflowPartition"):
         if m.find_producer(sdp.input[0]) is None:
@@ -713,12 +663,12 @@ def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) ->
     if (out_dir / "runtime_weights").exists():
         shutil.rmtree(out_dir / "runtime_weights")
     shutil.copytree(src, out_dir, dirs_exist_ok=True)
+    if (out_dir / "runtime_weights").is_dir():
+        write_layout(m, out_dir / "runtime_weights")  # where each weight sits in the words (hw/datfiles.py)
     return out_dir
 
 
 @register
 def step_report(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
-    from hw.report import write_report
-
     write_report(cfg, model)
     return model

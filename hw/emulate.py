@@ -1,80 +1,55 @@
 """Software emulation of the accelerator: FINN's own execution of the folded model.
 
-The model the build compiles (``NN_step_generate_estimate_reports.onnx``: folded,
-bit widths minimized, every node an HLS/RTL-specialized HW layer) is executed
-with finn-plus's ``execute_onnx``. Specialized nodes (``MVAU_hls``,
-``Thresholding_rtl``, ...) only execute in cppsim/rtlsim (Vivado); each is mapped
-back to its generic HW op (``MVAU``, ``Thresholding``, ...), whose Python
-execution is the bit-exact reference FINN verifies cppsim/rtlsim against.
-Folding, data types, thresholds and weights are those of the hardware.
+The model the build compiles (``step_generate_estimate_reports``: folded, bit
+widths minimized, every node an HLS/RTL-specialized HW layer) is executed with
+finn-plus's ``execute_onnx``. Specialized nodes (``MVAU_hls``,
+``Thresholding_rtl``, ...) only execute in cppsim/rtlsim (Vivado); finn-plus's
+``despecialize_model`` maps each back to its generic HW op (``MVAU``,
+``Thresholding``, ...), whose Python execution is the bit-exact reference FINN
+verifies cppsim/rtlsim against. Folding, data types, thresholds and weights
+are those of the hardware.
 
-Input: raw CIFAR images, uint8 NHWC (what the board receives). Output: the
-class index (the accelerator ends in TopK/LabelSelect).
+Input: raw images, uint8 NHWC (what the board receives). Output: the class
+index (the accelerator ends in TopK/LabelSelect). The reference is the QONNX
+model (the export, before any FINN step) executed by qonnx on normalized
+float images, which the caller hands in (fedfinn.hw_commands).
 
-The reference is the QONNX model (the export, before any FINN step) executed
-by qonnx on the normalized float images (``training.data.normalize``).
+:func:`finn_fallback` hands FINN's execution of single layers to the batched
+numpy engine (client_pynq.dataflow), for layers it has no kernel for.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
-from hw.finn_env import prepare as _prepare_env
+from export.finn_env import prepare
 
-_prepare_env()
+prepare()
 
+import finn.custom_op.fpgadataflow  # noqa: E402,F401  (registers FINN's custom ops)
+import finn.custom_op.fpgadataflow.matrixvectoractivation as _mvau  # noqa: E402
+import qonnx.custom_op.general.xnorpopcount as _xnorpopcount  # noqa: E402
+from finn.core.onnx_exec import execute_onnx  # noqa: E402
+from finn.util.verification import despecialize_model  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
+from qonnx.core.onnx_exec import execute_onnx as qonnx_execute_onnx  # noqa: E402
+from qonnx.custom_op.registry import getCustomOp  # noqa: E402
+from qonnx.util.cleanup import cleanup_model  # noqa: E402
+
+#: The library versions the two speed-ups below replace functions of (tests/test_hw.py checks them).
+SPEEDUP_TARGETS = {"qonnx": "1.0.0", "finn-plus": "1.6.1"}
 
 
-def final_model_path(build_dir: str | Path, weights_dir: str | Path | None = None) -> Path:
-    """The folded model of a build, or of a weight update (``hw weights`` output)."""
-    if weights_dir is not None:
-        p = Path(weights_dir) / "model.onnx"
-        if not p.exists():
-            raise FileNotFoundError(f"{p} not found (run `fedfinn hw weights` first)")
-        return p
-    from hw.build import FINAL_STEP, find_intermediate
-
-    return find_intermediate(build_dir, FINAL_STEP)
-
-
-def to_python_exec(model: ModelWrapper) -> ModelWrapper:
-    """Copy of ``model`` with specialized HW nodes mapped back to generic ones."""
-    m = copy.deepcopy(model)
-    for n in m.graph.node:
-        if n.domain in ("finn.custom_op.fpgadataflow.hls", "finn.custom_op.fpgadataflow.rtl"):
-            base = n.op_type.rsplit("_", 1)[0]
-            n.op_type = base
-            n.domain = "finn.custom_op.fpgadataflow"
-    m.set_metadata_prop("exec_mode", "")
-    return m
-
-
-def _speed_up_xnor_matmul() -> None:
-    """qonnx's xnorpopcountmatmul multiplies a (1, H, W, K) stack by (K, N), a
-    batched numpy matmul that takes ~0.7 s per CNV layer; the same product as
-    one (H*W, K) x (K, N) BLAS call takes ~4 ms. Same arithmetic, same result
-    (integers in float32, |values| << 2^24)."""
-    import qonnx.custom_op.general.xnorpopcount as xp
-
-    if getattr(xp.xnorpopcountmatmul, "_fedfinn", False):
-        return
-
-    def xnorpopcountmatmul(inp0, inp1):
-        k = inp0.shape[-1]
-        assert k == inp1.shape[0], "Matrix shapes are not compatible with matmul."
-        a = (2 * np.asarray(inp0, dtype=np.float32) - 1).reshape(-1, k)
-        out = np.matmul(a, 2 * np.asarray(inp1, dtype=np.float32) - 1)
-        return (out.reshape(*inp0.shape[:-1], inp1.shape[-1]) + k) * 0.5
-
-    xnorpopcountmatmul._fedfinn = True
-    xp.xnorpopcountmatmul = xnorpopcountmatmul
+def _xnorpopcountmatmul(inp0, inp1):
+    """qonnx's xnorpopcountmatmul as one (H*W, K) x (K, N) BLAS call (same integers in float32)."""
+    k = inp0.shape[-1]
+    assert k == inp1.shape[0], "Matrix shapes are not compatible with matmul."
+    a = (2 * np.asarray(inp0, dtype=np.float32) - 1).reshape(-1, k)
+    out = np.matmul(a, 2 * np.asarray(inp1, dtype=np.float32) - 1)
+    return (out.reshape(*inp0.shape[:-1], inp1.shape[-1]) + k) * 0.5
 
 
 class _NumpyWithFlatMatmul:
@@ -94,11 +69,19 @@ class _NumpyWithFlatMatmul:
         return np.matmul(a, b, *args, **kw)
 
 
-def _speed_up_mvau_matmul() -> None:
-    import finn.custom_op.fpgadataflow.matrixvectoractivation as mvau
+def speed_up_finn_python_execution() -> None:
+    """Two drop-ins inside FINN's Python execution, same arithmetic, ~100x faster on CNV layers.
 
-    if not isinstance(mvau.np, _NumpyWithFlatMatmul):
-        mvau.np = _NumpyWithFlatMatmul()
+    * qonnx 1.0.0's ``xnorpopcountmatmul`` multiplies a (1, H, W, K) stack by (K, N) as a batched numpy
+      matmul (~0.7 s per CNV layer); :func:`_xnorpopcountmatmul` does one 2-D BLAS call (~4 ms).
+    * finn-plus 1.6.1's MVAU ``execute_node`` calls ``np.matmul`` on the same shapes: the module's ``np``
+      becomes :class:`_NumpyWithFlatMatmul`.
+    Integer operands far below 2^24: identical results (tests/test_hw.py compares them with the originals
+    and fails if either library stops calling these names).
+    """
+    _xnorpopcount.xnorpopcountmatmul = _xnorpopcountmatmul
+    if not isinstance(_mvau.np, _NumpyWithFlatMatmul):
+        _mvau.np = _NumpyWithFlatMatmul()
 
 
 class Emulator:
@@ -113,17 +96,14 @@ class Emulator:
     def __init__(self, model: ModelWrapper | str | Path, sanitize: bool = False):
         if not isinstance(model, ModelWrapper):
             model = ModelWrapper(str(model))
-        _speed_up_xnor_matmul()
-        _speed_up_mvau_matmul()
+        speed_up_finn_python_execution()
         self.sanitize = sanitize
-        self.model = to_python_exec(model)
+        self.model = despecialize_model(model)
         self.inp = self.model.graph.input[0].name
         self.out = self.model.graph.output[0].name
         self.in_shape = tuple(self.model.get_tensor_shape(self.inp))
 
     def predict(self, images_uint8_nhwc: np.ndarray) -> np.ndarray:
-        from finn.core.onnx_exec import execute_onnx
-
         x = np.asarray(images_uint8_nhwc)
         if x.ndim == 3:
             x = x[None]
@@ -146,12 +126,9 @@ class Emulator:
 
 def qonnx_logits(qonnx_path: str | Path, x_norm_nchw: np.ndarray) -> np.ndarray:
     """Logits of the exported QONNX model (qonnx execution), one image at a time."""
-    from qonnx.core.onnx_exec import execute_onnx
-    from qonnx.util.cleanup import cleanup_model
-
     m = cleanup_model(ModelWrapper(str(qonnx_path)))
     inp, out = m.graph.input[0].name, m.graph.output[0].name
-    res = [execute_onnx(m, {inp: x_norm_nchw[i : i + 1].astype(np.float32)})[out] for i in range(len(x_norm_nchw))]
+    res = [qonnx_execute_onnx(m, {inp: x_norm_nchw[i : i + 1].astype(np.float32)})[out] for i in range(len(x_norm_nchw))]
     return np.concatenate(res, 0)
 
 
@@ -169,51 +146,21 @@ def top1(logits: np.ndarray, rtol: float = 1e-5) -> tuple[np.ndarray, np.ndarray
     return near.argmax(1), near.sum(1) > 1
 
 
-def load_test_images(n: int, dataset: str = "cifar10", start: int = 0):
-    """``n`` real test images (uint8 NHWC), labels, and the data set's mean/std."""
-    from training.data import load_cifar
-
-    d = load_cifar(dataset, download=False)
-    return d.test_x[start : start + n], d.test_y[start : start + n], d.mean, d.std
-
-
-def emulate(build_dir: str | Path, n: int = 100, qonnx: str | Path | None = None,
-            weights_dir: str | Path | None = None, dataset: str | None = None, start: int = 0) -> dict:
-    """Emulate ``n`` test images; compare top-1 with the QONNX model when given."""
-    from training.data import normalize
-
-    build_dir = Path(build_dir)
-    rec = json.loads((build_dir / "build_config.json").read_text())
-    dataset = dataset or rec.get("dataset", "cifar10")
-    if qonnx is None:
-        qonnx = rec["model_path"] if weights_dir is None else json.loads(
-            (Path(weights_dir) / "weights.json").read_text())["model"]
-    x, y, mean, std = load_test_images(n, dataset, start)
-    emu = Emulator(final_model_path(build_dir, weights_dir))
-    emu.predict(x[:1])  # warm-up: imports of the custom ops
-    t0 = time.time()
-    pred = emu.predict(x)
-    dt = time.time() - t0
-    res = {
-        "build": str(build_dir),
-        "weights": str(weights_dir) if weights_dir else None,
-        "images": int(len(x)),
-        "emulation_images_per_s": round(len(x) / dt, 2),
-        "emulation_accuracy": float((pred == y).mean()),
-    }
-    if qonnx:
-        xn = normalize(x, mean, std).numpy()
-        t1 = time.time()
-        logits = qonnx_logits(qonnx, xn)
-        ref, tie = top1(logits)
-        res.update({
-            "qonnx_model": str(qonnx),
-            "qonnx_images_per_s": round(len(x) / (time.time() - t1), 2),
-            "qonnx_accuracy": float((ref == y).mean()),
-            "top1_agree": int((ref == pred).sum()),
-            "top1_identical": bool((ref == pred).all()),
-            "images_with_tied_top_logits": int(tie.sum()),
-            "top1_agree_plain_argmax": int((logits.argmax(1) == pred).sum()),
-            "disagreeing_images": [int(i) + start for i in np.nonzero(ref != pred)[0]],
-        })
-    return res
+def finn_fallback(model: ModelWrapper, layer: str, inputs: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+    """FINN's Python execution of one layer of a folded model, image by image: the ``fallback`` of
+    client_pynq.dataflow.DataflowModel for layers without a batched kernel there. ``inputs``: the
+    layer's input tensors (batched activations, parameters as stored)."""
+    generic = despecialize_model(model)
+    node = generic.get_node_from_name(layer)
+    inst = getCustomOp(node)
+    params = {t for t in node.input if generic.get_initializer(t) is not None}
+    outs: list[list[np.ndarray]] = [[] for _ in node.output]
+    for i in range(n):
+        ctx = {t: (v if t in params else v[i : i + 1].reshape(generic.get_tensor_shape(t)))
+               for t, v in inputs.items() if v is not None}
+        for t in node.output:
+            ctx[t] = np.zeros(generic.get_tensor_shape(t), dtype=np.float32)
+        inst.execute_node(ctx, generic.graph)
+        for j, t in enumerate(node.output):
+            outs[j].append(ctx[t])
+    return [np.concatenate(o, 0) for o in outs]

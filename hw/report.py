@@ -6,17 +6,22 @@ import json
 from importlib.metadata import version
 from pathlib import Path
 
-from qonnx.core.modelwrapper import ModelWrapper
+from export.finn_env import prepare, vivado_info
+
+prepare()
+
+from finn.analysis.fpgadataflow.res_estimation import res_estimation  # noqa: E402
+from finn.util.fpgadataflow import is_fpgadataflow_node  # noqa: E402
+from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
+from qonnx.custom_op.registry import getCustomOp  # noqa: E402
+
+from .estimate import estimate  # noqa: E402
 
 RES_KEYS = ("LUT", "FF", "BRAM_18K", "DSP", "URAM")
 
 
 def layer_table(model: ModelWrapper) -> list[dict]:
     """Per-layer folding and data types of a folded dataflow model."""
-    from qonnx.custom_op.registry import getCustomOp
-
-    from finn.util.fpgadataflow import is_fpgadataflow_node
-
     rows = []
     for n in model.graph.node:
         if not is_fpgadataflow_node(n):
@@ -36,9 +41,6 @@ def layer_table(model: ModelWrapper) -> list[dict]:
 
 
 def write_report(cfg, model: ModelWrapper) -> dict:
-    from hw.build import estimate
-    from hw.finn_env import vivado_info
-
     out = Path(cfg.output_dir)
     rep_dir = cfg.get_report_directory()
     est = estimate(model, cfg)
@@ -49,8 +51,6 @@ def write_report(cfg, model: ModelWrapper) -> dict:
     ops = {}
     if (rep_dir / "op_and_param_counts.json").exists():
         ops = json.loads((rep_dir / "op_and_param_counts.json").read_text()).get("total", {})
-    from finn.analysis.fpgadataflow.res_estimation import res_estimation
-
     per_layer = model.analysis(lambda m: res_estimation(m, cfg.fpga_part))
     no_lut = [name for name, r in per_layer.items() if float(r.get("LUT", 0)) == 0.0]
     search = []

@@ -33,15 +33,20 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.finn_env import prepare as _prepare_env
+from export.finn_env import prepare
 
-_prepare_env()
+prepare()
 
+from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds  # noqa: E402
 from qonnx.core.datatype import DataType  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
 from qonnx.custom_op.registry import getCustomOp  # noqa: E402
+from qonnx.util.cleanup import cleanup_model  # noqa: E402
+from finn.util.verification import despecialize_model  # noqa: E402
 
-from hw.build import FINAL_STEP, HW_STEPS, HwBuildConfig, find_intermediate, make_driver_files, run_steps  # noqa: E402
+from .build import FINAL_STEP, HW_STEPS, HwBuildConfig, find_intermediate, make_config, make_driver_files, run_steps  # noqa: E402,E501
+from .datfiles import LAYOUT_JSON, LAYOUT_NPZ  # noqa: E402
+from .packing import fast_packing  # noqa: E402
 
 
 class WeightsMismatch(ValueError):
@@ -65,8 +70,6 @@ DTYPE_ATTRS = {"weightDataType", "inputDataType", "outputDataType", "accDataType
 
 
 def load_config(build_dir: str | Path) -> HwBuildConfig:
-    from hw.build import make_config
-
     build_dir = Path(build_dir)
     p = build_dir / "build_config.json"
     if not p.exists():
@@ -95,13 +98,6 @@ def _is_rt(node) -> bool:
         "runtime_writeable_weights") == 1
 
 
-def _generic(node) -> str:
-    """Op type without the HLS/RTL specialization suffix."""
-    if node.domain.endswith(".hls") or node.domain.endswith(".rtl"):
-        return node.op_type.rsplit("_", 1)[0]
-    return node.op_type
-
-
 def _attrs(node) -> dict:
     inst = getCustomOp(node)
     out = {}
@@ -119,12 +115,9 @@ def _attrs(node) -> dict:
 def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple[ModelWrapper, list[dict]]:
     """Compare ``new_model`` (front half of the flow) with the build's folded model;
     return the build's model with the new parameters, and the per-layer record."""
-    from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds
-
-    fb = [n for n in build_model.graph.node]
     nb = [n for n in new_model.graph.node]
-    ops_b = [_generic(n) for n in fb]
-    ops_n = [_generic(n) for n in nb]
+    ops_b = [n.op_type for n in despecialize_model(build_model).graph.node]
+    ops_n = [n.op_type for n in despecialize_model(new_model).graph.node]
     if ops_b != ops_n:
         diff = [i for i in range(min(len(ops_b), len(ops_n))) if ops_b[i] != ops_n[i]]
         first = diff[0] if diff else min(len(ops_b), len(ops_n))
@@ -207,29 +200,25 @@ def _allowed(dt: DataType, arr: np.ndarray) -> bool:
 
 
 def write_runtime_weights(model: ModelWrapper, like_dir: Path, out_dir: Path) -> list[str] | None:
-    """Write ``<partition>_<index>_<layer>.dat`` files like those in ``like_dir``
-    (the build's driver), each from the layer of that name in ``model``, with
-    finn-plus's own ``make_weight_file(..., "decoupled_runtime", ...)`` - what
-    MakePYNQDriver calls, without re-running the driver's graph preparation.
-    None if a file's layer is not in ``model``."""
-    names = sorted(p.name for p in Path(like_dir).glob("*.dat"))
+    """Write the build's runtime-weight files (``like_dir``: its driver's ``runtime_weights/``, with the
+    layout hw.datfiles measured) from the layers of the same names in ``model``, with finn-plus's own
+    ``make_weight_file(..., "decoupled_runtime", ...)`` - what MakePYNQDriver calls, without re-running
+    the driver's graph preparation. The layout files are copied along. None if a layer is missing."""
+    layout = json.loads((Path(like_dir) / LAYOUT_JSON).read_text())["files"]
     jobs = []
-    for fname in names:
-        parts = fname[: -len(".dat")].split("_", 2)
-        if len(parts) != 3:
-            return None
-        node = model.get_node_from_name(parts[2])
+    for fname, meta in sorted(layout.items()):
+        node = model.get_node_from_name(meta["layer"])
         if node is None or not _is_rt(node):
             return None
         jobs.append((fname, node))
-    from hw.packing import fast_packing
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with fast_packing():
         for fname, node in jobs:
             getCustomOp(node).make_weight_file(model.get_initializer(node.input[1]), "decoupled_runtime",
                                                str(Path(out_dir) / fname))
-    return names
+    for name in (LAYOUT_JSON, LAYOUT_NPZ):
+        shutil.copy(Path(like_dir) / name, Path(out_dir) / name)
+    return [f for f, _ in jobs]
 
 
 def precheck(build_qonnx: str | Path, new_qonnx: str | Path) -> None:
@@ -237,8 +226,6 @@ def precheck(build_qonnx: str | Path, new_qonnx: str | Path) -> None:
     same quantizer bit widths and the same parameter shapes as the model the
     build was compiled from. Raises :class:`WeightsMismatch`; the full,
     authoritative check (:func:`check_and_patch`) follows anyway."""
-    from qonnx.util.cleanup import cleanup_model
-
     a = cleanup_model(ModelWrapper(str(build_qonnx)))
     b = cleanup_model(ModelWrapper(str(new_qonnx)))
     problems = []

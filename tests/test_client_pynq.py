@@ -29,7 +29,7 @@ import pytest
 from client_pynq import protocol as P
 from client_pynq.agent import Agent
 from client_pynq.backends import BoardBackend, SyntheticBackend
-from client_pynq.host import BoardClient, BoardError, measure_round, plot, summarize, table
+from fedfinn.boards import BoardClient, BoardError, measure_round, plot, summarize, table
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "fuzz-token-0123456789"
@@ -111,7 +111,7 @@ def blocked_agent(tmp_path_factory):
 
 def test_package_imports_and_serves_with_stdlib_and_numpy_only(blocked_agent):
     code = BLOCK_IMPORTS + (
-        "import client_pynq, client_pynq.protocol, client_pynq.agent, client_pynq.backends, client_pynq.host\n"
+        "import client_pynq, client_pynq.protocol, client_pynq.agent, client_pynq.backends, client_pynq.__main__\n"
         "import client_pynq.__main__\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'torch', 'finn', 'flwr', 'zstandard', 'onnx', 'onnxruntime', 'qonnx', 'brevitas', 'pynq'})\n"
@@ -199,7 +199,7 @@ def test_full_cycle_results_and_errors(synthetic):
             c.set_weights({"other.dat": b"00000001\n"})
         with pytest.raises(BoardError, match="unsupported"):
             c.set_weights({"model.onnx": b"x"}, kind="onnx")
-        r = c.set_weights(w, round=4)
+        r = c.set_weights(w, server_round=4)
         assert r["weights"]["round"] == 4 and r["weights"]["source"] == "dat"
         res = c.evaluate(batch_size=64, predictions=True)
         assert res["accuracy"] == 0.8 and res["images"] == 250 and res["batches"] == 4 and res["batch_size"] == 64
@@ -268,13 +268,13 @@ def test_measure_round_never_raises(synthetic, tmp_path):
     dead_port = dead.getsockname()[1]
     dead.close()
     boards = [f"{h}:{p}", f"127.0.0.1:{dead_port}"]
-    res = measure_round(boards, {"synthetic.dat": b"00000005\n"}, images=x, labels=y, round=1)
+    res = measure_round(boards, {"synthetic.dat": b"00000005\n"}, images=x, labels=y, server_round=1)
     assert res[0]["ok"] and res[0]["accuracy"] == 1.0 and res[0]["testset_uploaded"]
     assert not res[1]["ok"] and res[1]["stage"] == "hello" and "connection" in res[1]["error"]
-    res2 = measure_round(boards[:1], {"synthetic.dat": b"00000006\n"}, images=x, labels=y, round=2)
+    res2 = measure_round(boards[:1], {"synthetic.dat": b"00000006\n"}, images=x, labels=y, server_round=2)
     assert res2[0]["ok"] and not res2[0]["testset_uploaded"] and res2[0]["accuracy"] == 0.0
     # a model the board cannot take, a missing build: error entries, no exception
-    res3 = measure_round(boards[:1], REPO / "nonexistent.onnx", images=x, labels=y, round=3)
+    res3 = measure_round(boards[:1], REPO / "nonexistent.onnx", images=x, labels=y, server_round=3)
     assert not res3[0]["ok"] and res3[0]["stage"] == "prepare"
     json.dumps(res + res2 + res3)  # JSON-ready
     md = table([{"round": 1, "accuracy": 1.0, "boards": res}])
@@ -514,15 +514,9 @@ def test_fuzz_malformed_requests(blocked_agent):
 
 # ----------------------------------------------------------------------------- FINN builds (host side)
 
-finn_missing = None
-try:
-    from hw.finn_env import finn_available
+from export.finn_env import finn_missing as _finn_missing  # noqa: E402
 
-    _ok, _why = finn_available()
-    if not _ok:
-        finn_missing = _why
-except Exception as err:  # hw/ not importable here
-    finn_missing = str(err)
+finn_missing = _finn_missing()
 
 needs_finn = pytest.mark.skipif(finn_missing is not None, reason=f"finn-plus not importable: {finn_missing}")
 
@@ -531,8 +525,10 @@ def light_build(qonnx: Path, out: Path) -> Path:
     """`hw build` up to the folded model, plus the driver's runtime-weight files (no code generation)."""
     from hw.build import FINAL_STEP, HW_STEPS, make_config, run_steps
     from hw.packing import fast_packing
+    from training.data import dataset_stats
 
-    cfg = make_config(qonnx, board="Pynq-Z2", output_dir=out, name=qonnx.stem)
+    mean, std = dataset_stats("cifar10")
+    cfg = make_config(qonnx, board="Pynq-Z2", output_dir=out, name=qonnx.stem, mean=list(mean), std=list(std))
     cfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1] + ["step_pynq_driver"]
     with fast_packing():
         run_steps(cfg, echo=None)
@@ -565,14 +561,13 @@ def cnv_build(tmp_path_factory, cifar10):
 def test_batched_engine_equals_finn_and_codec_reads_finns_files(cnv_build, cifar10):
     from finn.core.onnx_exec import execute_onnx
 
-    from client_pynq.backends import _load_codec
     from client_pynq.dataflow import DataflowModel, DatCodec, find_folded_model
-    from hw.emulate import to_python_exec
+    from finn.util.verification import despecialize_model
 
     _, build, tmp = cnv_build
     df = DataflowModel(find_folded_model(build))
     assert df.fallback_nodes == []
-    ref = to_python_exec(df.model)
+    ref = despecialize_model(df.model)
     x = cifar10.test_x[:3]
     os.environ["SANITIZE_QUANT_TENSORS"] = "0"
     mine = df.run(x, keep_all=True)
@@ -584,8 +579,9 @@ def test_batched_engine_equals_finn_and_codec_reads_finns_files(cnv_build, cifar
         for k in common:
             assert np.array_equal(np.asarray(full[k]).reshape(mine[k][i : i + 1].shape), mine[k][i : i + 1]), k
     files = sorted((build / "driver" / "runtime_weights").glob("*.dat"))
-    codec = _load_codec(df, [f.name for f in files], tmp / "cache", None)  # measured once, cached for the agents
-    assert isinstance(codec, DatCodec) and len(list((tmp / "cache").rglob("*.pkl"))) == 1
+    codec = DatCodec(build / "driver" / "runtime_weights")  # the layout the build measured with FINN
+    codec.check(df)
+    assert codec.files == [f.name for f in files]
     for f in files:
         layer, w = codec.decode(f.name, f.read_bytes())
         assert np.array_equal(w, df.get_param(layer)), f.name
@@ -601,17 +597,16 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
     from training.config import load_config
     from training.data import normalize
     from training.recorder import read_metrics
-    from training.report import write_report
+    from fedfinn.boards import write_board_report
+    from fedfinn.rounds import host_accuracy, observers_for
     from training.runner import run
-    from training.server_app import _host_accuracy
     from training.task import make_model, test_data
 
     _, build, tmp = cnv_build
-    cache = tmp / "cache"
     (tmp / "token").write_text("s3cret\n")
     tok = ["--token-file", str(tmp / "token")]
-    agents = [AgentProcess(["--emulate", str(build), "--cache-dir", str(cache), *tok], tmp, "bitexact-a"),
-              AgentProcess(["--emulate", str(build), "--cache-dir", str(cache), *tok], tmp, "bitexact-b"),
+    agents = [AgentProcess(["--emulate", str(build), *tok], tmp, "bitexact-a"),
+              AgentProcess(["--emulate", str(build), *tok], tmp, "bitexact-b"),
               AgentProcess(["--emulate", str(build), "--mode", "fast", "--threads", "1", *tok], tmp, "fast")]
     with socket.socket() as s:  # a port nobody listens on: the unreachable board
         s.bind(("127.0.0.1", 0))
@@ -623,7 +618,7 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
                                  f"hardware.token_file=\"{tmp / 'token'}\"", "hardware.images=0",
                                  "hardware.timeout=60.0"])
         t0 = time.time()
-        rows = read_metrics(run(cfg, progress=False))
+        rows = read_metrics(run(cfg, progress=False, observers=observers_for(cfg)))
         wall = time.time() - t0
         # image by image on the last round's model: a bit-exact board's predictions are the host's argmax
         x_test, y_test = test_data(cfg)
@@ -633,7 +628,7 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
                              predictions=True, workdir=tmp / "last")[0]
         half = measure_round(boards[1:2], model, images=x_test[:50], labels=y_test[:50], build=build,
                              token="s3cret", workdir=tmp / "half")[0]
-        assert half["accuracy"] == _host_accuracy(cfg, model, x_test[:50], y_test[:50])
+        assert half["accuracy"] == host_accuracy(cfg, model, x_test[:50], y_test[:50])
     finally:
         for a in agents:
             a.stop()
@@ -664,7 +659,7 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
     assert untied.sum() >= 0.9 * len(untied)
     assert np.array_equal(np.asarray(last["predictions"])[untied], logits.argmax(1)[untied])
     # fedfinn report: the on-device table, CSV and plot
-    paths = write_report([cfg.run_dir], tmp / "report")
+    paths = write_board_report([cfg.run_dir], tmp)
     assert "board acc" in paths["boards_markdown"].read_text()
     assert len(paths["boards_csv"].read_text().splitlines()) == 1 + 3 * 4
     assert paths["boards_plot_fed_boards"].stat().st_size > 1000

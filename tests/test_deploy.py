@@ -123,7 +123,7 @@ def test_commands_secure_by_default_insecure_only_on_request(tmp_path, capsys):
 
 def test_insecure_needs_the_flag_and_says_so(tmp_path):
     """--insecure starts a SuperLink without TLS and says so; without it the CLI builds a TLS one."""
-    from training.cli import build_parser
+    from fedfinn.cli import build_parser
 
     assert build_parser().parse_args(["deploy", "c.toml"]).insecure is False
     lines = []

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export import NotDeployableError, export_round, finn_available, to_finn_onnx, to_qonnx
-from export.cli import add_parser
+from fedfinn.export_commands import add_parser
 from export.finn_export import FinnUnavailableError, match_quant_tie_rounding
 from export.parity import TOLERANCE, parity, torch_logits
 from training.models import build_model
@@ -112,7 +112,7 @@ def test_exact_ties_round_half_to_even(cifar10, tmp_path):
     """Inputs exactly on half steps of the input quantizer (2^-6): FINN's thresholds must round them to even."""
     from qonnx.core.modelwrapper import ModelWrapper
 
-    from export.finn_export import _import_finn
+    from export.finn_export import _convert_qonnx_to_finn
 
     model = calibrated("cnv-w8a8", cifar10)
     gen = torch.Generator().manual_seed(0)
@@ -123,7 +123,7 @@ def test_exact_ties_round_half_to_even(cifar10, tmp_path):
     check(parity(model, path, x, "qonnx", ref))
     check(parity(model, to_finn_onnx(path, tmp_path / "f.onnx") and tmp_path / "f.onnx", x, "finn", ref))
     # without the correction, FINN's converter rounds every tie up: the logits differ
-    raw = ModelWrapper(str(path)).transform(_import_finn()())
+    raw = ModelWrapper(str(path)).transform(_convert_qonnx_to_finn()())
     raw.save(str(tmp_path / "raw.onnx"))
     assert parity(model, tmp_path / "raw.onnx", x, "finn", ref).max_abs_diff > TOLERANCE
     assert match_quant_tie_rounding(raw) > 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Error, Message, MetricRecord, RecordDict
 
+from fedfinn.rounds import observers_for
 from training import codec
 from training.compress import decode_for, model_to_message
 from training.config import load_config
@@ -14,6 +15,7 @@ from training.recorder import RunExistsError, read_metrics
 from training.runner import run
 from training.strategy import CompressedFedAvg, weighted_average
 from training.task import make_model, pack
+from training.flower_compat import set_message_ids
 
 TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_clients=5",
         "federation.rounds=2", "federation.backend=\"inprocess\""]
@@ -68,7 +70,7 @@ def test_bad_replies_are_dropped_and_logged(tmp_path, cifar10):
     arrays = strategy.initial_arrays()
     msgs = list(strategy.configure_train(1, arrays, __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord(), grid))
     for m in msgs:
-        m.metadata.__dict__["_message_id"] = f"id{m.metadata.dst_node_id}"
+        set_message_ids(m, message_id=f"id{m.metadata.dst_node_id}")
     good_model = make_model(cfg)
     good = model_to_message(good_model)
     nan_model = make_model(cfg)
@@ -103,14 +105,14 @@ def test_weighted_average_is_fedavg():
 
 
 def test_cli_reports_bad_config(tmp_path, capsys):
-    from training.cli import main
+    from fedfinn.cli import main
 
     assert main(["run", "configs/quick.toml", "--set", "compression.weight_bits=3"]) == 2
     assert "compression.weight_bits" in capsys.readouterr().err
 
 
 def test_cli_run_and_report(tmp_path, cifar10, capsys):
-    from training.cli import main
+    from fedfinn.cli import main
 
     args = ["run", "configs/quick.toml", "--quiet", *sum((["--set", s] for s in
             [*TINY, "federation.rounds=1", f"run.out_dir=\"{tmp_path}\"", "run.name=\"c\""]), [])]
@@ -194,7 +196,7 @@ def test_parallel_worker_failure_is_an_error_reply(tmp_path, cifar10):
 def test_deployable_model_trains_federated_and_exports_every_round(tmp_path, cifar10):
     cfg = tiny(tmp_path, "cnv", "model.name=\"cnv-w2a2\"", "run.export_every=1", "data.images_per_client=20",
                "data.test_images=40")
-    rows = read_metrics(run(cfg, progress=False))
+    rows = read_metrics(run(cfg, progress=False, observers=observers_for(cfg)))
     assert [r["round"] for r in rows] == [1, 2]
     assert all(r["rejected"] == [] for r in rows)
     assert all(set(r["bits_up"]) == {2} for r in rows)  # the model's own weight bits, not the study default

@@ -32,6 +32,7 @@ from training.pruning import prune_
 from training.runner import InProcessGrid
 from training.strategy import CompressedFedAvg, RoundStats, weighted_average
 from training.task import make_model, pack, unpack
+from training.flower_compat import set_message_ids
 
 BATCH = 40
 EXTRA_MEMORY_LIMIT = 96 * 2**20  # per round, beyond the replies themselves
@@ -251,7 +252,7 @@ def test_malformed_replies_rejected_logged_bounded_and_round_aggregated():
     grid = InProcessGrid(client_app=None, num_nodes=3)
     msgs = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
     for i, msg in enumerate(msgs):
-        msg.metadata.__dict__["_message_id"] = f"request-{i}"
+        set_message_ids(msg, message_id=f"request-{i}")
     to = msgs[0]
 
     good_a = make_model(cfg, seed=11)

@@ -20,16 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw.finn_env import finn_available
+from export.finn_env import finn_missing
 
-_ok, _why = finn_available()
-if not _ok:
-    pytest.skip(f"finn-plus is not importable ({_why}); `make install-hw` installs it", allow_module_level=True)
+if finn_missing() is not None:
+    pytest.skip(finn_missing(), allow_module_level=True)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from training.data import dataset_stats  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
+CIFAR10 = {k: list(v) for k, v in zip(("mean", "std"), dataset_stats("cifar10"))}
 
 
 # --------------------------------------------------------------------------
@@ -123,7 +125,7 @@ def built(models, tmp_path_factory):
     from hw.build import build, make_config
 
     out = tmp_path_factory.mktemp("hw_build") / "tiny"
-    cfg = make_config(models["r1"], board="Pynq-Z2", output_dir=out, name="tiny")
+    cfg = make_config(models["r1"], board="Pynq-Z2", output_dir=out, name="tiny", **CIFAR10)
     t0 = time.time()
     rep = build(cfg, echo=None)
     return {"dir": out, "report": rep, "seconds": time.time() - t0, "cfg": cfg}
@@ -300,9 +302,9 @@ def test_weights_update_refuses_a_mismatching_model(built, models, variant, quic
 
 
 def test_weights_cli_refuses_with_a_clear_error(built, models, tmp_path, capsys):
-    from hw.cli import main
+    from fedfinn.cli import main
 
-    assert main(["weights", str(built["dir"]), str(models["w4"]), "--out", str(tmp_path / "x")]) == 2
+    assert main(["hw", "weights", str(built["dir"]), str(models["w4"]), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "does not match the build" in err and "bit width 4 != build's 2" in err
 
@@ -328,13 +330,13 @@ def test_bitstream_without_vivado_stops_at_once_naming_what_is_missing(built):
     assert time.time() - t0 < 30
     assert not (built["dir"] / "bitfile").exists()
     # the CLI itself: a distinct exit code
-    r = subprocess.run([sys.executable, "-m", "hw.cli", "bitstream", str(built["dir"])], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "fedfinn.cli", "hw", "bitstream", str(built["dir"])], cwd=REPO,
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 3 and "missing: Vivado" in r.stderr and "finn deps update" in r.stderr
 
 
 def test_emulation_top1_equals_qonnx_on_real_images(built, round2, cifar10):
-    from hw.emulate import emulate
+    from fedfinn.hw_commands import emulate_build as emulate
 
     res = emulate(built["dir"], n=40)
     assert res["images"] == 40 and res["top1_identical"], res
@@ -353,8 +355,9 @@ def test_real_cnv_folds_fast_enough_and_emulates_exactly(tmp_path, cifar10):
         model = build_model("cnv-w1a1")
     except Exception as e:  # models of another part of the project
         pytest.skip(f"cnv-w1a1 not available: {e}")
-    from hw.build import FINAL_STEP, HW_STEPS, estimate, make_config, run_steps
-    from hw.emulate import emulate
+    from fedfinn.hw_commands import emulate_build as emulate
+    from hw.build import FINAL_STEP, HW_STEPS, make_config, run_steps
+    from hw.estimate import estimate
 
     onnx_path = tmp_path / "cnv-w1a1.onnx"
     g = torch.Generator().manual_seed(0)
@@ -372,7 +375,7 @@ def test_real_cnv_folds_fast_enough_and_emulates_exactly(tmp_path, cifar10):
         from brevitas.export import export_qonnx
 
         export_qonnx(model.eval(), torch.zeros(1, 3, 32, 32), str(onnx_path))
-    cfg = make_config(onnx_path, board="Pynq-Z2", output_dir=tmp_path / "build", name="cnv-w1a1")
+    cfg = make_config(onnx_path, board="Pynq-Z2", output_dir=tmp_path / "build", name="cnv-w1a1", **CIFAR10)
     m = run_steps(cfg, steps=HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1], echo=None)
     est = estimate(m, cfg)
     assert est["fits"] and est["fps"] >= 3000, est

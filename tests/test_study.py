@@ -82,10 +82,10 @@ def test_cost_model_and_selection_by_hand(study_runs):
 
 def test_study_cli_and_missing_reference(study_runs, tmp_path):
     tmp, dirs = study_runs
-    out = subprocess.run([sys.executable, "-m", "training.cli", "study", *map(str, dirs[2:]), "--out",
+    out = subprocess.run([sys.executable, "-m", "fedfinn.cli", "study", *map(str, dirs[2:]), "--out",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert out.returncode == 2 and "fp32 run" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "training.cli", "study", *map(str, dirs), "--out",
+    out = subprocess.run([sys.executable, "-m", "fedfinn.cli", "study", *map(str, dirs), "--out",
                           str(tmp_path / "y"), "--links", "2.5"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "s_per_round_2.5mbit" in (tmp_path / "y" / "cost.csv").read_text()

@@ -11,6 +11,7 @@ from training.recorder import read_metrics
 from training.runner import InProcessGrid, run
 from training.strategy import CompressedFedAvg
 from training.task import make_model, pack
+from training.flower_compat import set_message_ids
 
 from test_federated import tiny  # tests/ is on sys.path (pytest prepend import mode)
 
@@ -129,14 +130,14 @@ def test_server_starts_a_failed_node_over(tmp_path, cifar10):
     assert all(m.content["config"][updates.BASE_KEY] == init_fp for m in msgs)
     assert len(strategy.views) == 5
     for m in msgs:
-        m.metadata.__dict__["_message_id"] = f"id{m.metadata.dst_node_id}"
+        set_message_ids(m, message_id=f"id{m.metadata.dst_node_id}")
     change, _ = updates.compress_update({k: np.zeros_like(v) for k, v in strategy.init_values.items()}, 0.1, 8)
     metrics = {"num-examples": 10, "partition-id": 0, "train-loss": 1.0, "train-accuracy": 0.5,
                "train-seconds": 0.1, "decode-seconds": 0.0, "encode-seconds": 0.0}
     replies = [Message(Error(code=0, reason="boom"), reply_to=msgs[0])]
     for m in msgs[1:]:
         reply = Message(RecordDict({"arrays": pack(change), "metrics": MetricRecord(metrics)}), reply_to=m)
-        reply.metadata.__dict__["_src_node_id"] = m.metadata.dst_node_id
+        set_message_ids(reply, src_node_id=m.metadata.dst_node_id)
         replies.append(reply)
     strategy.aggregate_train(1, replies)
     failed = msgs[0].metadata.dst_node_id

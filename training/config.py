@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from .models import check_model_name
 from .models.quant import SUPPORTED_WEIGHT_BITS
 
@@ -120,11 +122,16 @@ class RunConfig:
         return asdict(self)
 
     def to_toml(self) -> str:
-        return dict_to_toml(self.to_dict())
+        return tomli_w.dumps(self.to_dict())
 
     @property
     def run_dir(self) -> Path:
         return Path(self.run.out_dir) / self.run.name
+
+
+def sampled_per_round(num_clients: int, fraction: float) -> int:
+    """Clients sampled per round: ``fraction`` of ``num_clients``, at least one (FedAvg's rule)."""
+    return min(num_clients, max(1, int(num_clients * fraction + 1e-9)))
 
 
 def _section_types() -> dict[str, type]:
@@ -270,26 +277,3 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"[{section}] must be a table")
         raw[section][key] = value
     return from_dict(raw)
-
-
-def dict_to_toml(d: dict[str, dict[str, Any]]) -> str:
-    """Write the two-level config dict as TOML (the subset this config uses)."""
-    lines = []
-    for section, values in d.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")

@@ -104,6 +104,13 @@ _SPECS = {
 }
 
 
+def dataset_stats(dataset: str) -> tuple[tuple, tuple]:
+    """(mean, std) per channel on a 0..1 scale of ``cifar10`` or ``cifar100`` (what ``normalize`` uses)."""
+    if dataset not in _SPECS:
+        raise ValueError(f"dataset must be one of {sorted(_SPECS)}, got {dataset!r}")
+    return _SPECS[dataset].mean, _SPECS[dataset].std
+
+
 # ----------------------------------------------------------------------------- look-up
 
 def load_cifar(dataset: str = "cifar10", data_dir: str | os.PathLike | None = None,

@@ -22,7 +22,7 @@ What it does, in order (every process's log lands in ``runs/<name>/deploy/``):
    with ``--plain`` the stock ``flower-supernode``;
 4. submits the app with ``flwr run`` (a Flower config in a private
    ``FLWR_HOME`` names the SuperLink); the SuperLink starts the ServerApp
-   (training.server_app.main -> serve), which writes ``runs/<name>/``
+   (fedfinn.server_app.main -> training.server_app.serve), which writes ``runs/<name>/``
    exactly like the other ways of running;
 5. watches: a SuperNode that dies is reported and the run goes on (its
    missing replies are recorded in the round's JSON line); a ServerApp or
@@ -38,7 +38,6 @@ listen on 127.0.0.1 only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -47,9 +46,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
+import tomli_w
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.supernode.register import try_load_public_key
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+
+from .certs import make_certs
+from .config import load_config
+from .recorder import prepare_run_dir, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -76,50 +87,28 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state letter) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(")") + 2:].split()
-        table[int(entry)] = (int(rest[1]), rest[0])
-    return table
-
-
-def descendants(pid: int, table: dict[int, tuple[int, str]] | None = None) -> list[int]:
-    table = _proc_table() if table is None else table
-    children: dict[int, list[int]] = {}
-    for p, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(p)
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children, grandchildren, ...)."""
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" if it is gone)."""
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
 
 
 def alive(pid: int) -> bool:
+    """Is ``pid`` running (a zombie is not)?"""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -160,13 +149,12 @@ def stop_processes(procs: list[Proc], grace: float = 6.0, also: dict[int, str] |
     whose parent already died; each is signalled only if its command line is
     unchanged (so a recycled pid is never hit).
     """
-    table = _proc_table()
     pids: set[int] = set()
     for p in procs:
         pids.add(p.pid)
-        pids.update(descendants(p.pid, table))
+        pids.update(descendants(p.pid))
     for pid, cmd in (also or {}).items():
-        if pid in table and cmdline(pid) == cmd:
+        if cmdline(pid) == cmd:
             pids.add(pid)
     for p in procs:
         try:
@@ -295,10 +283,12 @@ class Deployment:
         return [sys.executable, "-m", "training.fastnode", *own, *common]
 
     def flower_config(self) -> str:
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{LOOPBACK}:{self.port}"']
-        lines += [f'root-certificates = "{self.certs / "ca.crt"}"'] if self.tls else ["insecure = true"]
-        return "\n".join(lines) + "\n"
+        connection: dict = {"address": f"{LOOPBACK}:{self.port}"}
+        if self.tls:
+            connection["root-certificates"] = str(self.certs / "ca.crt")
+        else:
+            connection["insecure"] = True
+        return tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> None:
@@ -308,8 +298,6 @@ class Deployment:
             self.say("WARNING: insecure deployment (--insecure): no TLS, no SuperNode authentication; "
                      "anyone who reaches the port can join or read the federation")
         elif self.certs is None:
-            from .certs import make_certs
-
             self.certs = make_certs(self.workdir / "certs", nodes=self.nodes if self.auth else 0)
         else:
             self.certs = Path(self.certs).resolve()
@@ -366,11 +354,6 @@ class Deployment:
         old = os.environ.get("FLWR_HOME")
         os.environ["FLWR_HOME"] = str(self.link_home)
         try:
-            from flwr.cli.flower_config import read_superlink_connection
-            from flwr.cli.supernode.register import try_load_public_key
-            from flwr.cli.utils import init_http_client_from_connection
-            from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
-
             client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
             try:
                 for i in range(self.nodes):
@@ -414,16 +397,15 @@ class Deployment:
     def submit(self, run_config: dict) -> Proc:
         """``flwr run`` the app with ``run_config``; the process streams the ServerApp's log until the run ends."""
         path = self.workdir / "run_config.toml"
-        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in run_config.items()))
+        path.write_text(tomli_w.dumps(run_config))
         argv = [_bin("flwr"), "run", str(self.app_dir), CONNECTION, "--stream", "--run-config", str(path)]
         return self._spawn("serverapp", argv, self.link_home)
 
     def remember(self) -> None:
         """Note every descendant now alive: a process whose parent is killed loses its place in the tree."""
-        table = _proc_table()
         for proc in self.procs:
-            for pid in descendants(proc.pid, table):
-                if pid not in self.known and table[pid][1] not in ("Z", "X"):
+            for pid in descendants(proc.pid):
+                if pid not in self.known and alive(pid):
                     self.known[pid] = cmdline(pid)
 
     def serverapp_pids(self) -> list[int]:
@@ -493,8 +475,6 @@ def _bin(name: str) -> str:
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -510,9 +490,6 @@ def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, ove
     their warm-up overlaps the ServerApp's start (round 1 then pays the rest).
     ``on_start(deployment)`` and ``on_tick(deployment)`` (every ``tick`` s) are hooks for tests.
     """
-    from .config import load_config
-    from .recorder import prepare_run_dir, read_metrics
-
     if any(";" in s for s in overrides):
         raise DeployError("an override may not contain ';' under deploy")
     cfg = load_config(config, list(overrides))
@@ -565,58 +542,3 @@ def deploy(config: str | None, overrides: list[str] = (), nodes: int = 0, *, ove
         return run_dir
     finally:
         d.stop()
-
-
-def add_parser(subparsers) -> None:
-    """The ``deploy`` and ``supernode`` subcommands of ``fedfinn``."""
-    p = subparsers.add_parser("deploy", help="run an experiment over a local Flower deployment (SuperLink + SuperNodes)",
-                              description=__doc__.split("\n\n")[1] if __doc__ else None)
-    p.add_argument("config", help="path to configs/<experiment>.toml")
-    p.add_argument("--nodes", type=int, default=0, help="SuperNodes to start, one per client (default: federation.num_clients)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    p.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
-    p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (says so when it starts)")
-    p.add_argument("--certs", default=None, help="use these certificates (make certs) instead of fresh ones")
-    p.add_argument("--plain", action="store_true", help="stock flower-supernode (a cold ClientApp process per message, 3 s polls)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per ClientApp (default 1)")
-    p.add_argument("--poll", type=float, default=0, help="longest idle wait of a SuperNode between two polls "
-                   "of the SuperLink, seconds (default: training.fastnode.POLL_MAX)")
-    p.add_argument("--timeout", type=float, default=0, help="stop everything if the run takes longer (seconds, 0 = none)")
-    p.set_defaults(fn=cmd_deploy)
-
-    s = subparsers.add_parser("supernode", add_help=False, prefix_chars="+",
-                              help="a Flower SuperNode with a warm ClientApp executor (flower-supernode flags, plus "
-                                   "--preload CONFIG --threads N); see training/fastnode.py")
-    s.add_argument("args", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_supernode)
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    def to_interrupt(signum, _frame):
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, to_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        run_dir = deploy(args.config, args.set, args.nodes, overwrite=args.overwrite, resume=args.resume,
-                         insecure=args.insecure, fast=not args.plain, certs=args.certs, threads=args.threads,
-                         poll=args.poll,
-                         timeout=args.timeout or None)
-    except DeployError as err:
-        print(f"fedfinn deploy: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    from .report import markdown_table, plot_run, summarize
-
-    plot_run(run_dir)
-    print(markdown_table([summarize(run_dir)]))
-    print(f"run folder: {run_dir}")
-    return 0
-
-
-def cmd_supernode(args: argparse.Namespace) -> int:
-    from .fastnode import supernode_main
-
-    return supernode_main(list(args.args))

@@ -7,6 +7,9 @@
   (codec bytes, see training.codec), every ``checkpoint_every`` rounds and at
   the last round;
 * ``summary.json`` and ``accuracy.png`` when the run ends.
+
+:func:`load_run` reads a finished (or stopped) run folder back: every report,
+the study and the export read runs through it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .codec import mib
-from .config import RunConfig
+from .config import RunConfig, from_dict
 
 
 class RunExistsError(RuntimeError):
@@ -31,7 +37,7 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         saved = run_dir / "config.toml"
         if not saved.exists():
             raise RunExistsError(f"nothing to resume: {saved} does not exist")
-        if saved.read_text() != cfg.to_toml():
+        if from_dict(tomllib.loads(saved.read_text())) != cfg:  # keys added since default on both sides
             raise RunExistsError(f"cannot resume {run_dir}: its config.toml differs from the config given")
         return run_dir
     if metrics.exists() and metrics.stat().st_size and not overwrite:
@@ -94,3 +100,110 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_CHECKPOINT = re.compile(r"^round_(\d+)\.ffnc$")
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """``checkpoints/round_NNN.ffnc``: the global model of a round, as sent to the clients (codec bytes)."""
+    return Path(run_dir) / "checkpoints" / f"round_{server_round:03d}.ffnc"
+
+
+def checkpoint_rounds(run_dir: Path) -> list[int]:
+    """The rounds that have a checkpoint in ``run_dir``, ascending."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _CHECKPOINT.match(p.name)))
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+
+@dataclass
+class RunRecord:
+    """A run folder read back: its config (as parsed from ``config.toml``) and its JSON lines."""
+
+    path: Path
+    cfg: dict
+    rows: list[dict] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def rounds(self) -> int:
+        return self.rows[-1]["round"]
+
+    @property
+    def accuracy(self) -> float:
+        """Test accuracy after the last round."""
+        return self.rows[-1]["test_accuracy"]
+
+    @property
+    def best_accuracy(self) -> float:
+        return max(r["test_accuracy"] for r in self.rows)
+
+    @property
+    def accuracy_last3(self) -> float:
+        """Mean test accuracy of the last three rounds (less noisy than the last one)."""
+        last = self.rows[-3:]
+        return sum(r["test_accuracy"] for r in last) / len(last)
+
+    @property
+    def mib_up(self) -> float:
+        """Mean uplink message per client, over all rounds."""
+        ups = [b for r in self.rows for b in r["bytes_up"]]
+        return mib(sum(ups) / len(ups)) if ups else math.nan
+
+    @property
+    def mib_down(self) -> float:
+        """Mean downlink message per sampled node, over all rounds."""
+        return mib(sum(r["bytes_down"] for r in self.rows) / len(self.rows))
+
+    @property
+    def mib_max(self) -> float:
+        """The largest single message of the run, either direction (update mode: messages vary by node)."""
+        ups = [b for r in self.rows for b in r["bytes_up"]]
+        downs = [b for r in self.rows for b in (r.get("bytes_down_each") or [r["bytes_down"]])]
+        return mib(max(ups + downs))
+
+    @property
+    def seconds_per_round(self) -> float:
+        return sum(r["seconds"].get("round", 0) for r in self.rows) / len(self.rows)
+
+    @property
+    def compression(self) -> dict:
+        return self.cfg.get("compression", {})
+
+    @property
+    def delta(self) -> bool:
+        return self.compression.get("update") == "delta"
+
+    @property
+    def prune_rate(self) -> float:
+        return float(self.compression.get("prune_rate", 0.0))
+
+    @property
+    def bits(self) -> int:
+        return int(self.compression.get("weight_bits", 32))
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 32 or bool(self.compression.get("client_bits"))
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read ``run_dir`` back; raises if it is not a run folder or has no finished round."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir} has no finished round (metrics.jsonl is empty)")
+    return RunRecord(run_dir, tomllib.loads(cfg_path.read_text()), rows)

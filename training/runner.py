@@ -23,10 +23,14 @@ from uuid import uuid4
 
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.serverapp import Grid, ServerApp
 
+from .client_app import app as client_app
 from .config import RunConfig
+from .flower_compat import set_message_ids, stamp_server_task_identity
 from .recorder import prepare_run_dir
+from .server_app import RoundObserver, serve
+from .task import dataset
 
 log = logging.getLogger("fedfinn")
 
@@ -82,12 +86,7 @@ class InProcessGrid(Grid):
         self.pool = None
         if workers > 1:
             self.pool = mp.get_context("fork").Pool(workers, _worker_init, (client_app, threads_per_worker))
-        # Flower stamps every new Message with the identity of the task that
-        # creates it; a SuperLink sets it for a real ServerApp process.
-        from flwr.common.constant import SUPERLINK_NODE_ID
-        from flwr.supercore.task_identity import TaskIdentity
-
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        stamp_server_task_identity()
 
     def close(self) -> None:
         if self.pool is not None:
@@ -111,8 +110,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            msg.metadata.__dict__["_src_node_id"] = 0
+            set_message_ids(msg, message_id=str(uuid4()), src_node_id=0)
             context = self.contexts[msg.metadata.dst_node_id]
             if self.pool is not None:
                 self.pending[msg.metadata.message_id] = self.pool.apply_async(_worker_call, (msg, context))
@@ -141,12 +139,9 @@ class InProcessGrid(Grid):
         return self.pull_messages(ids)
 
 
-def run_inprocess(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
+def run_inprocess(cfg: RunConfig, observers: list[RoundObserver], progress: bool = True,
+                  resume: bool = False) -> Path:
     """``inprocess`` (clients one after another) or ``parallel`` (forked workers)."""
-    from .client_app import app as client_app
-    from .server_app import serve
-    from .task import dataset
-
     workers = 0
     if cfg.federation.backend == "parallel":
         workers = parallel_clients(cfg)
@@ -154,7 +149,7 @@ def run_inprocess(cfg: RunConfig, progress: bool = True, resume: bool = False) -
     grid = InProcessGrid(client_app, cfg.federation.num_clients, workers=workers,
                          threads_per_worker=cfg.federation.threads_per_client)
     try:
-        return serve(grid, cfg, progress=progress, resume=resume)
+        return serve(grid, cfg, observers=observers, progress=progress, resume=resume)
     finally:
         grid.close()
 
@@ -164,12 +159,9 @@ def parallel_clients(cfg: RunConfig) -> int:
     return f.parallel_clients or max(1, (os.cpu_count() or 1) // f.threads_per_client)
 
 
-def run_ray(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
-    from flwr.serverapp import ServerApp
+def run_ray(cfg: RunConfig, observers: list[RoundObserver], progress: bool = True, resume: bool = False) -> Path:
+    # Ray (seconds to import, a multi-process runtime) is loaded only when this backend is chosen
     from flwr.simulation import run_simulation
-
-    from .client_app import app as client_app
-    from .server_app import serve
 
     failure: list[BaseException] = []
     server_app = ServerApp()
@@ -177,7 +169,7 @@ def run_ray(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path
     @server_app.main()
     def _main(grid, context):  # the simulation engine runs this in a thread of this process
         try:
-            serve(grid, cfg, progress=progress, resume=resume)
+            serve(grid, cfg, observers=observers, progress=progress, resume=resume)
         except BaseException as err:
             failure.append(err)
             raise
@@ -196,14 +188,17 @@ def run_ray(cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path
     return cfg.run_dir
 
 
-def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False, resume: bool = False) -> Path:
+def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False, resume: bool = False,
+        observers: Iterable[RoundObserver] = ()) -> Path:
     """Run ``cfg`` with its backend; everything lands in ``runs/<name>/``.
 
-    ``resume`` continues a stopped run from its last checkpoint.
+    ``resume`` continues a stopped run from its last checkpoint; ``observers``
+    are called at the end of every round (training.server_app).
     """
+    observers = list(observers)
     prepare_run_dir(cfg, overwrite=overwrite, resume=resume)
     for name in ("flwr", "flwr.common"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if cfg.federation.backend == "ray":
-        return run_ray(cfg, progress, resume)  # parallel and inprocess share the in-process grid
-    return run_inprocess(cfg, progress, resume)
+        return run_ray(cfg, observers, progress, resume)  # parallel and inprocess share the in-process grid
+    return run_inprocess(cfg, observers, progress, resume)

@@ -1,9 +1,25 @@
-"""The ServerApp: run the compressed FedAvg strategy and record every round.
+"""The server loop: train, aggregate, evaluate, checkpoint, observers, record.
 
-The same ``serve`` runs under every grid: the in-process grid
-(training.runner), Flower's simulation engine and a Flower deployment
-(SuperLink + SuperNodes). Under ``flwr run`` the config comes from the run
-config key ``config`` (a path to a TOML file) plus ``overrides``.
+``serve(grid, cfg, observers=...)`` runs every round of a config over any
+Flower grid: the in-process grid (training.runner), Flower's simulation
+engine, or a Flower deployment (SuperLink + SuperNodes; the deployment's
+ServerApp is fedfinn.server_app, which adds the export and board observers).
+
+One round, in this order:
+
+1. **train**: the strategy samples the clients and sends each the downlink
+   message; the grid brings back their replies (training.strategy);
+2. **aggregate**: bad replies are rejected and logged, the rest averaged into
+   the new global model, which is compressed for the next downlink;
+3. **evaluate**: that downlink model (what the clients will receive) on the
+   run's test images;
+4. **checkpoint**: the downlink message, byte for byte
+   (``checkpoints/round_NNN.ffnc``), before anything else is written about
+   the round;
+5. **observers**: each callable in ``observers`` gets a :class:`RoundEnd` and
+   returns fields for the round's JSON line (exports, board measurements);
+   the loop knows nothing else about them;
+6. **record**: one JSON line in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -12,45 +28,57 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
-from flwr.app import ArrayRecord, Context
-from flwr.serverapp import Grid, ServerApp
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from . import loop
-from .config import RunConfig, load_config
-from .recorder import append_jsonl, prepare_run_dir, read_metrics, round_record, write_atomic
+from .compress import message_to_model
+from .config import RunConfig
+from .flower_compat import set_message_ids
+from .pruning import sparsity
+from .recorder import append_jsonl, checkpoint_path, read_metrics, round_record, write_atomic
 from .strategy import CompressedFedAvg, RoundStats
-from .task import config_record, dataset, pack, test_data
+from .task import config_record, dataset, make_model, pack, test_data
 
 log = logging.getLogger("fedfinn.server")
 
-app = ServerApp()
+
+@dataclass
+class RoundEnd:
+    """What the server knows when a round ends: what every round observer is handed."""
+
+    cfg: RunConfig
+    server_round: int
+    blob: bytes  # the global model exactly as sent to the clients (codec bytes)
+    accuracy: float
+    loss: float
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def last(self) -> bool:
+        return self.server_round == self.cfg.federation.rounds
+
+    def every(self, k: int) -> bool:
+        """Is this round one of every ``k`` (or the last)?"""
+        return self.last or (k > 0 and self.server_round % k == 0)
+
+    def model(self) -> torch.nn.Module:
+        """The global model decoded from ``blob`` (decoded once, shared by the observers)."""
+        if self._model is None:
+            self._model = make_model(self.cfg)
+            message_to_model(self._model, self.blob)
+            self._model.eval()
+        return self._model
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point under ``flwr run`` (a Flower deployment; see training.deploy).
-
-    Run config keys (pyproject.toml ``[tool.flwr.app.config]``): ``config``, the
-    TOML file (a path on the SuperLink host; "" = defaults only), ``overrides``
-    (";"-separated ``section.key=value``) and ``resume`` (continue the run in
-    its folder from the last checkpoint).
-    """
-    rc = context.run_config
-    path = str(rc.get("config", "")) or None
-    overrides = [s for s in str(rc.get("overrides", "")).split(";") if s]
-    resume = bool(rc.get("resume", False))
-    cfg = load_config(path, overrides)
-    if not log.handlers and not logging.getLogger("fedfinn").handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("fedfinn").addHandler(handler)
-        logging.getLogger("fedfinn").setLevel(logging.INFO)
-    prepare_run_dir(cfg, resume=resume)
-    log.info("run folder %s (%s)", cfg.run_dir.resolve(), "resumed" if resume else "new")
-    serve(PollingGrid(grid), cfg, progress=False, resume=resume)
+#: Called at the end of every round; returns fields for the round's JSON line (or an empty dict).
+RoundObserver = Callable[[RoundEnd], dict]
 
 
 class PollingGrid(Grid):
@@ -107,45 +135,48 @@ class PollingGrid(Grid):
         return replies
 
 
-def serve(grid: Grid, cfg: RunConfig, progress: bool = True, resume: bool = False) -> Path:
-    """Run every round of ``cfg`` over ``grid``; ``resume`` continues a stopped run."""
+def serve(grid: Grid, cfg: RunConfig, *, observers: Iterable[RoundObserver] = (), progress: bool = True,
+          resume: bool = False) -> Path:
+    """Run every round of ``cfg`` over ``grid``; ``resume`` continues a stopped run from its last checkpoint."""
     run_dir = cfg.run_dir
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    x_test, y_test = test_data(cfg)
-    d = dataset(cfg)
+    observers = list(observers)
     started = time.perf_counter()
-
-    def evaluate(model):
-        return loop.evaluate(model, x_test, y_test, batch_size=cfg.run.eval_batch_size, mean=d.mean, std=d.std)
-
-    def on_round_end(stats: RoundStats, acc: float, loss: float) -> None:
-        # checkpoint first: a metrics line is only ever written for a round whose model is on disk
-        last = stats.round == cfg.federation.rounds
-        if last or stats.round % cfg.run.checkpoint_every == 0:
-            write_atomic(checkpoint_path(run_dir, stats.round), strategy.last_down)
-        record = round_record(stats, acc, loss)
-        if cfg.run.export_every and (last or stats.round % cfg.run.export_every == 0):
-            record["export"] = export_global_model(cfg, run_dir, stats.round, strategy.last_down)
-        hw = cfg.hardware
-        if hw.boards and (last or stats.round % hw.every == 0):
-            record.update(measure_on_boards(cfg, stats.round, strategy.last_down, x_test, y_test, acc))
-        append_jsonl(run_dir / "metrics.jsonl", record)
-        bar.update(1)
-        bar.set_postfix(acc=f"{acc:.3f}", up=f"{record['mib_up_mean'] or 0:.3f}MiB", down=f"{record['mib_down']:.3f}MiB")
-
-    strategy = CompressedFedAvg(cfg, on_round_end=on_round_end)
+    strategy = CompressedFedAvg(cfg)
     done, arrays = resume_point(strategy, run_dir) if resume else (0, strategy.initial_arrays())
-    bar = tqdm(total=cfg.federation.rounds, initial=done, desc=cfg.run.name, unit="round", disable=not progress)
-    evaluate_fn = strategy.evaluate_fn(evaluate)
-    try:
+    with tqdm(total=cfg.federation.rounds, initial=done, desc=cfg.run.name, unit="round",
+              disable=not progress) as bar:
         for server_round in range(done + 1, cfg.federation.rounds + 1):
             arrays = run_round(strategy, grid, server_round, arrays, cfg)
-            evaluate_fn(server_round, arrays)
-    finally:
-        bar.close()
+            stats = strategy.current
+            accuracy, loss = evaluate_global(cfg, strategy.last_down, stats)
+            end = RoundEnd(cfg, server_round, strategy.last_down, accuracy, loss)
+            if end.every(cfg.run.checkpoint_every):
+                write_atomic(checkpoint_path(run_dir, server_round), strategy.last_down)
+            record = round_record(stats, accuracy, loss)
+            for observe in observers:
+                record.update(observe(end))
+            append_jsonl(run_dir / "metrics.jsonl", record)
+            bar.update(1)
+            bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{record['mib_up_mean'] or 0:.3f}MiB",
+                            down=f"{record['mib_down']:.3f}MiB")
     summary = {"run": cfg.run.name, "rounds": cfg.federation.rounds, "seconds": time.perf_counter() - started}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir
+
+
+def evaluate_global(cfg: RunConfig, blob: bytes, stats: RoundStats) -> tuple[float, float]:
+    """(accuracy, loss) of the downlink model on the run's test images; times and sparsity into ``stats``."""
+    t0 = time.perf_counter()
+    model = make_model(cfg)
+    message_to_model(model, blob)
+    x_test, y_test = test_data(cfg)
+    d = dataset(cfg)
+    loss, accuracy = loop.evaluate(model, x_test, y_test, batch_size=cfg.run.eval_batch_size, mean=d.mean, std=d.std)
+    stats.times["evaluate"] = time.perf_counter() - t0
+    stats.times["round"] = time.perf_counter() - stats.started
+    stats.sparsity = sparsity(model)
+    return accuracy, loss
 
 
 def run_round(strategy: CompressedFedAvg, grid: Grid, server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
@@ -173,17 +204,13 @@ def note_missing(strategy: CompressedFedAvg, messages: list, replies: list, time
     for reply in replies:
         dst = sent.pop(reply.metadata.reply_to_message_id, None)
         if dst is not None and reply.metadata.src_node_id != dst:
-            reply.metadata.__dict__["_src_node_id"] = dst
+            set_message_ids(reply, src_node_id=dst)
     if strategy.current is None:
         return
     wait = f"within the {timeout:g} s round timeout" if timeout else "before the round ended"
     for node in sent.values():
         log.warning("round %d: no reply from node %s %s", strategy.current.round, node, wait)
         strategy.current.rejected.append({"node": int(node), "reason": f"no reply {wait} (node lost or too slow)"})
-
-
-def checkpoint_path(run_dir: Path, server_round: int) -> Path:
-    return run_dir / "checkpoints" / f"round_{server_round:03d}.ffnc"
 
 
 def resume_point(strategy: CompressedFedAvg, run_dir: Path) -> tuple[int, ArrayRecord]:
@@ -208,61 +235,3 @@ def resume_point(strategy: CompressedFedAvg, run_dir: Path) -> tuple[int, ArrayR
     strategy.restore(blob, done)
     log.info("resuming after round %d", done)
     return done, pack(blob)
-
-
-def export_global_model(cfg: RunConfig, run_dir: Path, server_round: int, blob: bytes) -> dict:
-    """QONNX (+ FINN-ONNX for deployable models) of the round's global model; never fails the run."""
-    try:
-        from export import export_round
-
-        from .compress import message_to_model
-        from .task import make_model
-
-        model = make_model(cfg)
-        message_to_model(model, blob)
-        return export_round(model, run_dir, server_round, model_name=cfg.model.name).summary()
-    except Exception as err:  # an export problem is logged beside the round, training goes on
-        log.warning("round %d: export failed: %s", server_round, err)
-        return {"error": f"{type(err).__name__}: {err}"}
-
-
-def measure_on_boards(cfg: RunConfig, server_round: int, blob: bytes, x_test, y_test, acc: float) -> dict:
-    """The round's global model on every board of ``[hardware]``: weights sent, test images evaluated.
-
-    Returns the round record's ``boards`` (one entry per board, client_pynq.host's
-    fields) and ``boards_host_accuracy`` (the PyTorch model's accuracy on the same
-    images, the figure a bit-exact board must reproduce). A board that is
-    unreachable or fails is logged and its entry says why; training goes on.
-    """
-    from client_pynq.host import measure_round
-
-    from .compress import message_to_model
-    from .task import make_model
-
-    hw = cfg.hardware
-    n = hw.images or len(y_test)
-    images, labels = x_test[:n], y_test[:n]
-    t0 = time.perf_counter()
-    try:
-        model = make_model(cfg)
-        message_to_model(model, blob)
-        token = Path(hw.token_file).read_text().strip() if hw.token_file else None
-    except Exception as err:  # a missing token file or a model that will not load: logged, training goes on
-        log.warning("round %d: boards not measured: %s", server_round, err)
-        return {"boards": [{"board": b, "ok": False, "round": server_round, "stage": "prepare",
-                            "error": f"{type(err).__name__}: {err}"} for b in hw.boards]}
-    entries = measure_round(hw.boards, model, images=images, labels=labels, build=hw.build or None,
-                            round=server_round, token=token, batch_size=hw.batch_size or None, timeout=hw.timeout)
-    for e in entries:
-        if not e.get("ok"):
-            log.warning("round %d: board %s failed at %s: %s", server_round, e.get("board"), e.get("stage"),
-                        e.get("error"))
-    host = acc if n == len(y_test) else _host_accuracy(cfg, model, images, labels)
-    return {"boards": entries, "boards_host_accuracy": host,
-            "seconds_boards": round(time.perf_counter() - t0, 3)}
-
-
-def _host_accuracy(cfg: RunConfig, model, images, labels) -> float:
-    d = dataset(cfg)
-    _, acc = loop.evaluate(model, images, labels, batch_size=cfg.run.eval_batch_size, mean=d.mean, std=d.std)
-    return acc

@@ -11,8 +11,8 @@ the payload:
   averages the rest weighted by examples, prunes the global model at the
   run's rate and re-encodes it for the downlink (quantized like the clients,
   or fp32 when ``compression.downlink = "fp32"``);
-* ``evaluate_fn`` evaluates that downlink model on the test set and writes the
-  round's JSON line, checkpoint and progress.
+* the server loop (training.server_app) evaluates that downlink model and
+  records the round.
 
 With ``compression.update = "delta"`` (training.updates) replies are changes:
 the global model moves by their example-weighted mean, and every sampled node
@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -37,9 +37,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from . import codec, updates
 from .compress import decode_for, load_values, model_to_message, travelling_values
-from .config import RunConfig
-from .pruning import prune_, sparsity
-from .task import make_model, pack, unpack
+from .config import RunConfig, sampled_per_round
+from .pruning import prune_
+from .task import client_weight_bits, make_model, pack, unpack
 
 log = logging.getLogger("fedfinn.server")
 
@@ -66,7 +66,7 @@ class RoundStats:
 
 
 class CompressedFedAvg(FedAvg):
-    def __init__(self, cfg: RunConfig, on_round_end: Callable[[RoundStats, float, float], None] | None = None):
+    def __init__(self, cfg: RunConfig):
         flwr_logger = logging.getLogger("flwr")
         level = flwr_logger.level
         flwr_logger.setLevel(logging.ERROR)  # FedAvg warns that federated evaluation is off: it is, on purpose
@@ -79,7 +79,6 @@ class CompressedFedAvg(FedAvg):
         self.rng = np.random.default_rng(cfg.federation.seed)
         self.server_model = make_model(cfg)
         self.template = make_model(cfg)  # decodes replies; its shapes are the contract
-        self.on_round_end = on_round_end
         self.current: RoundStats | None = None
         self.last_down: bytes = b""
         self.delta = cfg.compression.update == "delta"
@@ -112,9 +111,9 @@ class CompressedFedAvg(FedAvg):
             self._sample_positions(self.cfg.federation.num_clients)
 
     def _sample_positions(self, n: int) -> list[int]:
-        k = max(1, int(n * self.cfg.federation.fraction_train + 1e-9))
+        k = sampled_per_round(n, self.cfg.federation.fraction_train)
         # positions, not node ids: ids are uint64 and numpy would turn them into floats
-        return [int(i) for i in self.rng.choice(n, size=min(k, n), replace=False)]
+        return [int(i) for i in self.rng.choice(n, size=k, replace=False)]
 
     # --- train ------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -163,14 +162,13 @@ class CompressedFedAvg(FedAvg):
         n = metrics.get("num-examples")
         if not isinstance(n, int) or not 0 < n <= MAX_EXAMPLES:
             raise ValueError(f"bad num-examples {n!r}")
-        c = self.cfg.compression
-        if c.client_bits:  # heterogeneous clients: each must send at its own configured bit width
+        if self.cfg.compression.client_bits:  # heterogeneous clients: each must send at its own bit width
             pid, bits = metrics.get("partition-id"), metrics.get("weight-bits")
             if not isinstance(pid, int) or not 0 <= pid < self.cfg.federation.num_clients:
                 raise ValueError(f"bad partition-id {pid!r}")
-            if bits != c.client_bits[pid % len(c.client_bits)]:
+            if bits != client_weight_bits(self.cfg, pid):
                 raise ValueError(f"client {pid} sent {bits!r}-bit weights, configured "
-                                 f"{c.client_bits[pid % len(c.client_bits)]}")
+                                 f"{client_weight_bits(self.cfg, pid)}")
         blob = unpack(content.array_records["arrays"])
         try:
             values = decode_for(self.template, blob)
@@ -222,26 +220,6 @@ class CompressedFedAvg(FedAvg):
             stats.times["client_" + key.split("-")[0] + "_max"] = max(values)
         agg = MetricRecord({"train-loss": stats.train_loss, "train-accuracy": stats.train_accuracy})
         return pack(down), agg
-
-    def evaluate_fn(self, evaluate: Callable[[torch.nn.Module], tuple[float, float]]):
-        """The ``evaluate_fn`` for ``Strategy.start``: test the downlink model, close the round."""
-
-        def fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if server_round == 0:
-                return None  # the untrained model: not worth a test pass
-            stats = self.current or RoundStats(server_round)
-            t0 = time.perf_counter()
-            model = make_model(self.cfg)
-            load_values(model, decode_for(model, unpack(arrays)))
-            loss, acc = evaluate(model)
-            stats.times["evaluate"] = time.perf_counter() - t0
-            stats.times["round"] = time.perf_counter() - stats.started
-            stats.sparsity = sparsity(model)
-            if self.on_round_end:
-                self.on_round_end(stats, acc, loss)
-            return MetricRecord({"test-accuracy": acc, "test-loss": loss})
-
-        return fn
 
 
 def weighted_average(values: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:

@@ -29,16 +29,17 @@ except the poster's published message sizes (``POSTER_MIB``).
 from __future__ import annotations
 
 import csv
-import math
 import os
 import platform
-import tomllib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from .codec import mib
-from .recorder import read_metrics
-from .report import _pyplot, technique
+from .config import sampled_per_round
+from .plots import finish, pareto_front, plot_curves, plot_pareto, plt
+from .recorder import RunRecord
+from .recorder import load_run as load_run_folder
+from .report import technique
 
 #: Message sizes the poster gives (MiB), by row; its accuracies are not available to us.
 POSTER_MIB = {"baseline": 2.976, "q8bit": 0.76, "q4bit": 0.39, "q1bit": 0.11, "prune90": 0.37, "prune99": 0.05}
@@ -46,77 +47,23 @@ POSTER_MIB = {"baseline": 2.976, "q8bit": 0.76, "q4bit": 0.39, "q1bit": 0.11, "p
 DATA_NOTE = ("CIFAR-10 from the bundled pack (../shared/data/cifar10-jpeg.npz): the official images "
              "JPEG-recompressed, so accuracies are a little below those on the original PNG-exact data")
 
+# run names are <study>_<scale>_<row> (study_small_q4bit) or paper_<dataset>_<epochs>_<row>
+_ROW = re.compile(r"^(?:study_[a-z]+_|paper_[^_]+_[^_]+_)(.+)$")
+
 
 @dataclass
-class StudyRun:
-    row: str  # the config's stem: baseline, prune90, q4bit, ...
-    technique: str
-    cfg: dict
-    rows: list[dict] = field(repr=False)
+class StudyRun(RunRecord):
+    """A run of the study: its row (the config's stem) and technique in words beside the record."""
 
-    @property
-    def accuracy(self) -> float:
-        return self.rows[-1]["test_accuracy"]
-
-    @property
-    def accuracy_last3(self) -> float:
-        last = self.rows[-3:]
-        return sum(r["test_accuracy"] for r in last) / len(last)
-
-    @property
-    def mib_up(self) -> float:
-        ups = [b for r in self.rows for b in r["bytes_up"]]
-        return mib(sum(ups) / len(ups)) if ups else math.nan
-
-    @property
-    def mib_down(self) -> float:
-        return mib(sum(r["bytes_down"] for r in self.rows) / len(self.rows))
-
-    @property
-    def mib_max(self) -> float:
-        """The largest single message of the run, either direction (update mode: messages vary by node)."""
-        ups = [b for r in self.rows for b in r["bytes_up"]]
-        downs = [b for r in self.rows for b in (r.get("bytes_down_each") or [r["bytes_down"]])]
-        return mib(max(ups + downs))
-
-    @property
-    def delta(self) -> bool:
-        return self.cfg.get("compression", {}).get("update") == "delta"
-
-    @property
-    def prune_rate(self) -> float:
-        return float(self.cfg.get("compression", {}).get("prune_rate", 0.0))
-
-    @property
-    def bits(self) -> int:
-        return int(self.cfg.get("compression", {}).get("weight_bits", 32))
-
-    @property
-    def quantized(self) -> bool:
-        c = self.cfg.get("compression", {})
-        return self.bits != 32 or bool(c.get("client_bits"))
+    row: str = ""
+    technique: str = ""
 
 
 def load_run(run_dir: str | Path) -> StudyRun:
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = tomllib.loads(cfg_path.read_text())
-    rows = read_metrics(run_dir)
-    if not rows:
-        raise ValueError(f"{run_dir} has no finished round")
-    name = cfg["run"]["name"]
-    row = name  # the config's stem, after the prefix generate.py puts in front of it
-    if name.startswith("study_small_"):
-        row = name[len("study_small_"):]
-    elif name.startswith("paper_"):
-        row = name.split("_", 3)[-1]  # paper_cifar10_e1_<row>
-    tech = technique(cfg)
-    bits = cfg.get("compression", {}).get("client_bits")
-    if bits:
-        tech = f"clients at {'/'.join(map(str, bits))} bits, server {cfg['compression'].get('weight_bits', 32)}"
-    return StudyRun(row, tech, cfg, rows)
+    run = load_run_folder(run_dir)
+    name = run.cfg["run"]["name"]
+    m = _ROW.match(name)
+    return StudyRun(run.path, run.cfg, run.rows, row=m.group(1) if m else name, technique=technique(run.cfg))
 
 
 def reference(runs: list[StudyRun]) -> StudyRun:
@@ -141,7 +88,7 @@ def scale_text(run: StudyRun) -> str:
     frac = f.get("fraction_train", 0.4)
     n = f.get("num_clients", 10)
     return (f"{d.get('dataset', 'cifar10')}, {n} clients (LDA alpha={d.get('alpha', 100)}), "
-            f"{max(1, int(n * frac + 1e-9))} per round, {per_client} images per client, "
+            f"{sampled_per_round(n, frac)} per round, {per_client} images per client, "
             f"{t.get('local_epochs', 1)} local epoch(s), {f.get('rounds')} rounds, "
             f"{d.get('test_images') or 'all 10,000'} test images")
 
@@ -251,13 +198,15 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     paths["table_csv"] = out / "table.csv"
     _csv(paths["table_csv"], rows, TABLE_COLUMNS)
 
-    paths["curves"] = plot_curves(runs, out / "accuracy_vs_round.png", caption)
+    paths["curves"] = plot_curves(runs, out / "accuracy_vs_round.png", caption, label=lambda r: r.row, style=_style,
+                                  title="accuracy per round (poster, left)")
     for name, (columns, data, what) in figure_data(runs).items():  # each figure's numbers, to read or re-plot
         _csv(out / f"{name}.csv", data, columns)
         (out / f"{name}.md").write_text(f"# {title}: {what}\n\n{caption}\n\n" + _md(data, columns))
         paths[f"{name}_csv"] = out / f"{name}.csv"
     paths["pruning"] = plot_pruning(runs, out / "accuracy_vs_pruning.png", caption)
-    paths["pareto"] = plot_pareto(runs, out / "pareto.png", caption)
+    paths["pareto"] = plot_pareto(runs, out / "pareto.png", caption, label=lambda r: r.row,
+                                  fp32_accuracy=ref.accuracy_last3, title="accuracy vs message size")
 
     target = 0.9 * ref.accuracy_last3
     crow = cost_rows(runs, list(links), target)
@@ -319,32 +268,11 @@ def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: st
     return "\n".join(lines) + "\n"
 
 
-def _finish(fig, ax, path: Path, caption: str) -> Path:
-    import textwrap
-
-    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, 150)), fontsize=6, va="bottom")
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return path
-
-
-def plot_curves(runs: list[StudyRun], path: Path, caption: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for r in runs:
-        style = "-." if r.delta else "--" if r.quantized and r.prune_rate else ("-" if not r.prune_rate else ":")
-        ax.plot([x["round"] for x in r.rows], [100 * x["test_accuracy"] for x in r.rows], style, label=r.row)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("accuracy per round (poster, left)")
-    return _finish(fig, ax, path, caption)
+def _style(r: StudyRun) -> str:
+    return "-." if r.delta else "--" if r.quantized and r.prune_rate else ("-" if not r.prune_rate else ":")
 
 
 def plot_pruning(runs: list[StudyRun], path: Path, caption: str) -> Path:
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     ref = reference(runs)
     pts = sorted([(0.0, ref.accuracy_last3)] + [(r.prune_rate, r.accuracy_last3) for r in runs
@@ -360,36 +288,10 @@ def plot_pruning(runs: list[StudyRun], path: Path, caption: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("accuracy vs pruning rate (poster, right)")
-    return _finish(fig, ax, path, caption)
-
-
-def pareto_front(runs: list[StudyRun]) -> list[StudyRun]:
-    """Runs no other run beats on both message size (up) and accuracy."""
-    return [r for r in runs if not any(o.mib_up <= r.mib_up and o.accuracy_last3 >= r.accuracy_last3 and
-                                       (o.mib_up < r.mib_up or o.accuracy_last3 > r.accuracy_last3) for o in runs)]
-
-
-def plot_pareto(runs: list[StudyRun], path: Path, caption: str) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    front = sorted(pareto_front(runs), key=lambda r: r.mib_up)
-    for r in runs:
-        ax.scatter(r.mib_up, 100 * r.accuracy_last3, color="C1" if r in front else "C0")
-        ax.annotate(r.row, (r.mib_up, 100 * r.accuracy_last3), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([r.mib_up for r in front], [100 * r.accuracy_last3 for r in front], "C1-", alpha=0.6, label="Pareto front")
-    ref = reference(runs)
-    ax.axhline(100 * ref.accuracy_last3 - 1, color="grey", ls=":", label="fp32 - 1 point")
-    ax.set_xscale("log")
-    ax.set_xlabel("uplink message per client (MiB, log scale)")
-    ax.set_ylabel("test accuracy (%), mean of the last 3 rounds")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    ax.set_title("accuracy vs message size")
-    return _finish(fig, ax, path, caption)
+    return finish(fig, path, caption)
 
 
 def plot_cost(runs: list[StudyRun], path: Path, link: float, caption: str) -> Path:
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for r in runs:
         t, xs = 0.0, []
@@ -402,4 +304,4 @@ def plot_cost(runs: list[StudyRun], path: Path, link: float, caption: str) -> Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     ax.set_title("accuracy vs modelled time (cost model)")
-    return _finish(fig, ax, path, caption)
+    return finish(fig, path, caption)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import tomllib
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from . import data as data_mod
-from .config import RunConfig, from_dict
+from .compress import message_to_model
+from .config import RunConfig, from_dict, load_config
 from .models import build_model, parse_deployable
+from .recorder import checkpoint_path, checkpoint_rounds
 
 WIRE_STYPE = "fedfinn-codec"  # stype of the single uint8 Array that carries a codec message
 CONFIG_KEY = "fedfinn-config"
@@ -109,3 +112,32 @@ def client_weight_bits(cfg: RunConfig, partition_id: int) -> int:
 def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
     """Distinct, reproducible shuffling/augmentation seed per client and round."""
     return (cfg.federation.seed * 1_000_003 + server_round * 1009 + partition_id) % 2**31
+
+
+# --- a round's model from a run folder ------------------------------------------------
+
+def load_round_model(run_dir: str | Path, server_round: int | None = None) -> tuple[RunConfig, torch.nn.Module, int]:
+    """(config, model in eval mode, round) of a run folder's checkpoint (the last one if ``server_round`` is None)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    rounds = checkpoint_rounds(run_dir)
+    if not rounds:
+        raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/round_NNN.ffnc)")
+    if server_round is None:
+        server_round = rounds[-1]
+    elif server_round not in rounds:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint of round {server_round} "
+                                f"(checkpointed rounds: {', '.join(map(str, rounds))})")
+    cfg = load_config(cfg_path)
+    model = make_model(cfg)
+    message_to_model(model, checkpoint_path(run_dir, server_round).read_bytes())
+    model.eval()
+    return cfg, model, server_round
+
+
+def test_images_normalized(cfg: RunConfig, n: int) -> torch.Tensor:
+    """The first ``n`` test images of the run's dataset, normalized as the training loop does."""
+    d = dataset(cfg)
+    return data_mod.normalize(d.test_x[:n], d.mean, d.std)

@@ -1,4 +1,4 @@
-"""``fedfinn hw ...``: the hardware commands (also ``python -m hw.cli ...``).
+"""``fedfinn hw ...``: the hardware commands.
 
     fedfinn hw build MODEL.onnx --board Pynq-Z2        # make hw
     fedfinn hw weights build/NAME ROUND.onnx          # per-round runtime weights
@@ -6,8 +6,10 @@
     fedfinn hw bitstream build/NAME                   # make bitstream (Vivado)
     fedfinn hw boards
 
-finn-plus is imported only inside the commands, so registering ``hw`` costs
-the rest of the CLI nothing and ``hw bitstream`` fails at once without Vivado.
+finn-plus is optional (``make install-hw``; the README's main job runs
+without it), so ``hw`` is imported inside the commands: registering ``hw``
+costs the rest of the CLI nothing and ``hw bitstream`` fails at once without
+Vivado.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+
+from client_pynq.dataflow import find_folded_model
+from export.finn_env import finn_deps_missing, vivado_info
+from hw.boards import BOARDS
+from training.data import dataset_stats, load_cifar, normalize
 
 #: Exit code of ``hw bitstream`` when Vivado / Vitis HLS are missing.
 EXIT_NO_VIVADO = 3
@@ -24,10 +34,12 @@ EXIT_NO_VIVADO = 3
 def cmd_build(args) -> int:
     from hw.build import build, make_config
 
+    mean, std = dataset_stats(args.dataset)
     cfg = make_config(
         args.model, board=args.board, output_dir=args.out, name=args.name, target_fps=args.target_fps,
         clock_mhz=args.clock_mhz, folding_config=args.folding_config, fit_to_board=not args.no_fit,
-        max_target_fps=args.max_fps, dataset=args.dataset, runtime_weights=not args.no_runtime_weights,
+        max_target_fps=args.max_fps, dataset=args.dataset, mean=list(mean), std=list(std),
+        runtime_weights=not args.no_runtime_weights,
     )
     rep = build(cfg, echo=None if args.quiet else print)
     out = Path(cfg.output_dir)
@@ -47,10 +59,46 @@ def cmd_weights(args) -> int:
     return 0
 
 
-def cmd_emulate(args) -> int:
-    from hw.emulate import emulate
+def emulate_build(build_dir, n: int = 100, qonnx=None, weights_dir=None, dataset: str | None = None,
+                  start: int = 0) -> dict:
+    """FINN's own execution of a build's folded model (or of a ``hw weights`` update) on ``n`` real test
+    images; top-1 compared with the QONNX model when there is one."""
+    from hw.emulate import Emulator, qonnx_logits, top1
 
-    res = emulate(args.build, n=args.n, qonnx=args.model, weights_dir=args.weights, start=args.start)
+    build_dir = Path(build_dir)
+    rec = json.loads((build_dir / "build_config.json").read_text())
+    dataset = dataset or rec.get("dataset", "cifar10")
+    if qonnx is None:
+        qonnx = rec["model_path"] if weights_dir is None else json.loads(
+            (Path(weights_dir) / "weights.json").read_text())["model"]
+    d = load_cifar(dataset, download=False)
+    x, y = d.test_x[start : start + n], d.test_y[start : start + n]
+    emu = Emulator(find_folded_model(weights_dir if weights_dir is not None else build_dir))
+    emu.predict(x[:1])  # warm-up: imports of the custom ops
+    t0 = time.time()
+    pred = emu.predict(x)
+    dt = time.time() - t0
+    res = {"build": str(build_dir), "weights": str(weights_dir) if weights_dir else None, "images": int(len(x)),
+           "emulation_images_per_s": round(len(x) / dt, 2), "emulation_accuracy": float((pred == y).mean())}
+    if qonnx:
+        t1 = time.time()
+        logits = qonnx_logits(qonnx, normalize(x, d.mean, d.std).numpy())
+        ref, tie = top1(logits)
+        res.update({
+            "qonnx_model": str(qonnx),
+            "qonnx_images_per_s": round(len(x) / (time.time() - t1), 2),
+            "qonnx_accuracy": float((ref == y).mean()),
+            "top1_agree": int((ref == pred).sum()),
+            "top1_identical": bool((ref == pred).all()),
+            "images_with_tied_top_logits": int(tie.sum()),
+            "top1_agree_plain_argmax": int((logits.argmax(1) == pred).sum()),
+            "disagreeing_images": [int(i) + start for i in np.nonzero(ref != pred)[0]],
+        })
+    return res
+
+
+def cmd_emulate(args) -> int:
+    res = emulate_build(args.build, n=args.n, qonnx=args.model, weights_dir=args.weights, start=args.start)
     print(json.dumps(res, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -58,8 +106,6 @@ def cmd_emulate(args) -> int:
 
 
 def cmd_bitstream(args) -> int:
-    from hw.finn_env import finn_deps_missing, vivado_info
-
     info = vivado_info()
     missing = info.missing + finn_deps_missing()
     if missing:
@@ -78,8 +124,6 @@ def cmd_bitstream(args) -> int:
 
 
 def cmd_boards(args) -> int:
-    from hw.boards import BOARDS
-
     print(f"{'board':12s} {'part':24s} {'MHz':>5s} {'LUT':>8s} {'FF':>8s} {'BRAM36':>6s} {'DSP':>5s} {'URAM':>4s}")
     for b in BOARDS.values():
         print(f"{b.name:12s} {b.part:24s} {b.clock_mhz:5.0f} {b.lut:8d} {b.ff:8d} {b.bram36:6d} {b.dsp:5d} {b.uram:4d}")
@@ -128,18 +172,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     lb = sub.add_parser("boards", help="list the supported boards")
     lb.set_defaults(fn=cmd_boards)
     return hw
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fedfinn")
-    add_parser(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(["hw", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"fedfinn hw: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

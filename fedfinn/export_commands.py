@@ -1,8 +1,9 @@
 """``fedfinn export RUN [--round N] [--no-finn] [--images N]``.
 
-Registered in ``training/cli.py`` with ``add_parser(sub)``; writes
-``RUN/qonnx/round_NNN.onnx`` and ``RUN/finn/round_NNN.onnx`` and prints the
-export times and the parity figures on the run's first test images.
+Rebuilds the model of a run from its ``config.toml`` and a checkpoint
+(``checkpoints/round_NNN.ffnc``; the last one by default), writes
+``RUN/qonnx/round_NNN.onnx`` and ``RUN/finn/round_NNN.onnx`` (export.export_round)
+and prints the export times and the parity figures on the run's first test images.
 """
 
 from __future__ import annotations
@@ -10,18 +11,30 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from export import ExportResult, FinnUnavailableError, NotDeployableError, export_round
+from training.task import load_round_model, test_images_normalized
+
+
+def export_run(run_dir, server_round: int | None = None, finn: bool = True, images: int = 64,
+               dynamo: bool = False, log=None) -> ExportResult:
+    """Export a run's checkpoint; ``images`` test images (0 = none) check parity."""
+    cfg, model, server_round = load_round_model(run_dir, server_round)
+    x = test_images_normalized(cfg, images) if images > 0 else None
+    result = export_round(model, run_dir, server_round, model_name=cfg.model.name, finn=finn,
+                          check_images=x, dynamo=dynamo)
+    if log is not None:
+        for line in result.lines():
+            log(line)
+    return result
+
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .finn_export import FinnUnavailableError
-    from .qonnx_export import NotDeployableError
-    from .run_export import export_run
-
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
-        result = export_run(args.run, round=args.round, finn=not args.no_finn, images=args.images,
+        result = export_run(args.run, server_round=args.round, finn=not args.no_finn, images=args.images,
                             dynamo=args.dynamo, log=print)
     except (NotDeployableError, FinnUnavailableError) as err:
         print(f"fedfinn: error: {err}", file=sys.stderr)

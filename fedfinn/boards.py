@@ -1,4 +1,4 @@
-"""Host side: talk to board agents, measure each round's model on them.
+"""Host side of the boards: talk to board agents, measure each round's model on them.
 
 * :class:`BoardClient` - one agent: ``hello``, ``upload_testset``,
   ``set_weights``, ``evaluate`` (raises :class:`BoardError` on an error reply).
@@ -11,13 +11,16 @@
 * :func:`summarize` / :func:`plot` - per-round on-device figures from a run's
   metrics rows (for ``fedfinn report``).
 
-Standard library + numpy at import time; torch/export/hw only when a round's
-model has to be turned into weight files here.
+The host side of :mod:`client_pynq`'s protocol: the agent on the board imports
+nothing of this project, this module may import all of it. finn-plus (``hw``)
+is optional (``make install-hw``), so it is imported where weight files are
+made, not at module top.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import os
 import socket
@@ -28,13 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from .protocol import (
+from client_pynq.protocol import (
     ERROR, EVALUATE, FLAG_REPLY, HELLO, SET_WEIGHTS, UPLOAD_TESTSET, ConnectionClosed, Limits, ProtocolError,
     make_parts, part_array, read_message, send_message, testset_id,
 )
-
-_round = round  # (functions below have a parameter named round)
+from export.qonnx_export import to_qonnx
+from training.plots import finish, plt
+from training.recorder import read_metrics
 
 #: Figures of an EVALUATE reply copied into a round's board entry.
 RESULT_FIELDS = ("accuracy", "correct", "images", "images_per_s", "batch_size", "batches", "mode", "bit_exact")
@@ -153,10 +158,10 @@ class BoardClient:
         return self.request(UPLOAD_TESTSET, {}, [("images", np.ascontiguousarray(images)),
                                                 ("labels", np.ascontiguousarray(labels).astype(np.int64))])[0]
 
-    def set_weights(self, files: dict[str, bytes], kind: str = "dat", round: int | None = None) -> dict:
+    def set_weights(self, files: dict[str, bytes], kind: str = "dat", server_round: int | None = None) -> dict:
         meta = {"kind": kind}
-        if round is not None:
-            meta["round"] = int(round)
+        if server_round is not None:
+            meta["round"] = int(server_round)
         return self.request(SET_WEIGHTS, meta, [(n, bytes(files[n])) for n in sorted(files)])[0]
 
     def evaluate(self, batch_size: int | None = None, limit: int | None = None, predictions: bool = False) -> dict:
@@ -195,11 +200,11 @@ class RoundWeights:
     (``hw.weights.update_weights``)."""
 
     def __init__(self, model, build: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
-                 round: int | None = None):
+                 server_round: int | None = None):
         self.model = model
         self.build = Path(build) if build else None
         self.workdir = Path(workdir) if workdir else None
-        self.round = round
+        self.server_round = server_round
         self._made: dict[str, dict[str, bytes]] = {}
         self._errors: dict[str, str] = {}
         self.seconds: dict[str, float] = {}  # host-side steps (export_qonnx, hw_weights)
@@ -227,12 +232,10 @@ class RoundWeights:
         if isinstance(m, (str, os.PathLike)) and str(m).endswith(".onnx"):
             self._qonnx_path = Path(m)
         elif hasattr(m, "state_dict") and hasattr(m, "eval"):
-            from export import to_qonnx
-
-            path = self._dir() / f"round_{self.round or 0:03d}.onnx"
+            path = self._dir() / f"round_{self.server_round or 0:03d}.onnx"
             t0 = time.perf_counter()
             to_qonnx(m, path)
-            self.seconds["export_qonnx"] = _round(time.perf_counter() - t0, 3)
+            self.seconds["export_qonnx"] = round(time.perf_counter() - t0, 3)
             self._qonnx_path = path
         else:
             raise ValueError("no QONNX model for this round (give a .onnx file or a torch model)")
@@ -252,7 +255,7 @@ class RoundWeights:
                 self._errors[kind] = f"{type(err).__name__}: {err}"
                 raise RuntimeError(self._errors[kind]) from None
             self._made[kind] = files
-            self.seconds_kind[kind] = _round(time.perf_counter() - t0, 3)
+            self.seconds_kind[kind] = round(time.perf_counter() - t0, 3)
             return files
 
     def _make(self, kind: str) -> dict[str, bytes]:
@@ -264,19 +267,18 @@ class RoundWeights:
                 return load_weight_files(m)
             if self.build is None:
                 raise ValueError("runtime-weight files from a model need the hardware build (build=...)")
-            from hw.weights import update_weights
+            from hw.weights import update_weights  # finn-plus is optional (make install-hw)
 
             qonnx = self._qonnx()
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # FINN's transformations print progress
                 res = update_weights(self.build, qonnx, self._dir() / "weights")
-            self.seconds["hw_weights"] = _round(time.perf_counter() - t0, 3)
+            self.seconds["hw_weights"] = round(time.perf_counter() - t0, 3)
             return load_weight_files(res["out_dir"])
         if kind == "onnx":
             if isinstance(m, dict) or (isinstance(m, (str, os.PathLike)) and Path(m).is_dir()):
                 raise ValueError("a fast-emulation board needs the round's QONNX model, not weight files")
-            import onnx  # host side; loads external tensor data (model.onnx.data) into the one file sent
-
+            # onnx.load reads external tensor data (model.onnx.data) into the one file sent
             return {"model.onnx": onnx.load(str(self._qonnx())).SerializeToString()}
         raise ValueError(f"unknown weight kind {kind!r}")
 
@@ -307,10 +309,10 @@ def _hello(client: BoardClient, images: np.ndarray) -> tuple[dict, str]:
 
 
 def measure_board(client: BoardClient, weights: RoundWeights, images: np.ndarray, labels: np.ndarray,
-                  tid: str, round: int | None = None, batch_size: int | None = None, limit: int | None = None,
+                  tid: str, server_round: int | None = None, batch_size: int | None = None, limit: int | None = None,
                   predictions: bool = False, hello: tuple[dict, str] | None = None) -> dict:
     """One board, one round: (HELLO), upload if needed, SET_WEIGHTS, EVALUATE. Never raises."""
-    entry: dict = {"board": client.address, "ok": False, "round": round}
+    entry: dict = {"board": client.address, "ok": False, "round": server_round}
     stage = "hello"
     t_all = time.perf_counter()
     try:
@@ -329,16 +331,16 @@ def measure_board(client: BoardClient, weights: RoundWeights, images: np.ndarray
             if r.get("testset", {}).get("id") != tid:
                 raise BoardError("bad_request", "the board's test set id differs from ours after the upload")
         entry["testset_uploaded"] = uploaded
-        entry["seconds_upload"] = _round(time.perf_counter() - t0, 4)
+        entry["seconds_upload"] = round(time.perf_counter() - t0, 4)
         stage = "weights"
         t0 = time.perf_counter()
-        client.set_weights(files, kind=kind, round=round)
-        entry["seconds_weights"] = _round(time.perf_counter() - t0, 4)
+        client.set_weights(files, kind=kind, server_round=server_round)
+        entry["seconds_weights"] = round(time.perf_counter() - t0, 4)
         entry["weight_bytes"] = int(sum(len(v) for v in files.values()))
         stage = "evaluate"
         t0 = time.perf_counter()
         res = client.evaluate(batch_size=batch_size, limit=limit, predictions=predictions)
-        entry["seconds_evaluate"] = _round(time.perf_counter() - t0, 4)
+        entry["seconds_evaluate"] = round(time.perf_counter() - t0, 4)
         for k in RESULT_FIELDS:
             entry[k] = res.get(k)
         lat = res.get("latency_ms") or {}
@@ -346,7 +348,7 @@ def measure_board(client: BoardClient, weights: RoundWeights, images: np.ndarray
         pw = res.get("power_w")
         entry["power_w"] = pw.get("mean") if isinstance(pw, dict) else None
         entry["power_w_max"] = pw.get("max") if isinstance(pw, dict) else None
-        entry["seconds_board"] = _round(entry["seconds_weights"] + entry["seconds_evaluate"], 4)
+        entry["seconds_board"] = round(entry["seconds_weights"] + entry["seconds_evaluate"], 4)
         if predictions:
             entry["predictions"] = res.get("predictions")
         entry["ok"] = True
@@ -354,12 +356,12 @@ def measure_board(client: BoardClient, weights: RoundWeights, images: np.ndarray
         entry.update({"stage": stage, "error": f"{err.code}: {err.message}"})
     except Exception as err:  # never raise into the training loop
         entry.update({"stage": stage, "error": f"{type(err).__name__}: {err}"})
-    entry["seconds_total"] = _round(time.perf_counter() - t_all, 4)
+    entry["seconds_total"] = round(time.perf_counter() - t_all, 4)
     return entry
 
 
-def measure_round(boards, model, *, images: np.ndarray, labels: np.ndarray, build=None, round: int | None = None,
-                  token: str | None = None, batch_size: int | None = None, limit: int | None = None,
+def measure_round(boards, model, *, images: np.ndarray, labels: np.ndarray, build=None,
+                  server_round: int | None = None, token: str | None = None, batch_size: int | None = None, limit: int | None = None,
                   timeout: float = 300.0, workdir=None, predictions: bool = False, parallel: bool = True,
                   ) -> list[dict]:
     """Measure one round's model on every board; one entry per board, in order. Never raises.
@@ -382,10 +384,10 @@ def measure_round(boards, model, *, images: np.ndarray, labels: np.ndarray, buil
         images = np.ascontiguousarray(images)
         labels = np.ascontiguousarray(labels).astype(np.int64)
         tid = testset_id(images, labels)
-        weights = RoundWeights(model, build=build, workdir=workdir, round=round)
+        weights = RoundWeights(model, build=build, workdir=workdir, server_round=server_round)
         clients = [_board_spec(b, token, timeout) for b in boards]
     except Exception as err:
-        return [{"board": str(b if not isinstance(b, dict) else b.get("address")), "ok": False, "round": round,
+        return [{"board": str(b if not isinstance(b, dict) else b.get("address")), "ok": False, "round": server_round,
                  "stage": "prepare", "error": f"{type(err).__name__}: {err}"} for b in boards]
     own = [not isinstance(b, BoardClient) for b in boards]
     pool = ThreadPoolExecutor(max_workers=len(clients)) if parallel and len(clients) > 1 else None
@@ -397,8 +399,8 @@ def measure_round(boards, model, *, images: np.ndarray, labels: np.ndarray, buil
                 return _hello(c, images), None
             except Exception as err:
                 code = f"{err.code}: {err.message}" if isinstance(err, BoardError) else f"{type(err).__name__}: {err}"
-                return None, {"board": c.address, "ok": False, "round": round, "stage": "hello", "error": code,
-                              "seconds_total": _round(time.perf_counter() - t0, 4)}
+                return None, {"board": c.address, "ok": False, "round": server_round, "stage": "hello", "error": code,
+                              "seconds_total": round(time.perf_counter() - t0, 4)}
 
         hellos = list(mapper(hello, clients))
         for kind in sorted({h[1] for h, e in hellos if h is not None}):
@@ -411,7 +413,8 @@ def measure_round(boards, model, *, images: np.ndarray, labels: np.ndarray, buil
             c, (h, err) = args
             if err is not None:
                 return err
-            return measure_board(c, weights, images, labels, tid, round=round, batch_size=batch_size, limit=limit,
+            return measure_board(c, weights, images, labels, tid, server_round=server_round, batch_size=batch_size,
+                                 limit=limit,
                                  predictions=predictions, hello=h)
 
         out = list(mapper(one, zip(clients, hellos)))
@@ -464,11 +467,6 @@ def plot(rows: list[dict], path: str | os.PathLike, key: str = "boards") -> Path
     recs = [r for r in summarize(rows, key) if r["ok"]]
     if not recs:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
     rounds = sorted({r["round"] for r in recs})
     host = {r["round"]: r["host_accuracy"] for r in recs}
@@ -484,8 +482,31 @@ def plot(rows: list[dict], path: str | os.PathLike, key: str = "boards") -> Path
     a2.set_xlabel("round")
     a2.set_ylabel("images/s on the board")
     a2.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return finish(fig, Path(path))
+
+
+BOARD_COLUMNS = ("run", "round", "board", "ok", "host_accuracy", "board_accuracy", "images_per_s",
+                 "latency_ms_p50", "power_w", "mode", "error")
+
+
+def write_board_report(run_dirs: list[str | os.PathLike], out: Path) -> dict[str, Path]:
+    """``boards.md``, ``boards.csv`` and ``boards_<run>.png`` for the runs that measured their rounds on boards."""
+    measured = []
+    for run_dir in run_dirs:
+        rows = read_metrics(Path(run_dir))
+        if any(row.get("boards") for row in rows):
+            measured.append((Path(run_dir).name, rows))
+    if not measured:
+        return {}
+    paths = {"boards_markdown": out / "boards.md", "boards_csv": out / "boards.csv"}
+    paths["boards_markdown"].write_text("".join(f"## {name}\n\n{table(rows)}\n\n" for name, rows in measured))
+    with open(paths["boards_csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=BOARD_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for name, rows in measured:
+            w.writerows({"run": name, **rec} for rec in summarize(rows))
+    for name, rows in measured:
+        png = plot(rows, out / f"boards_{name}.png")
+        if png is not None:
+            paths[f"boards_plot_{name}"] = png
+    return paths
