@@ -12,6 +12,7 @@ help:
 	@echo "make test      install and run the test suite"
 	@echo "make bench     overhead benchmark (reduced scale, ~15 min on 2 cores)"
 	@echo "make study-small  every poster row + beyond, small scale (< 2 h on 2 cores) -> results/study-small"
+	@echo "make study-medium the poster's regime: full data, 40 rounds (~10 h on 2 cores; resumable) -> results/study-medium"
 	@echo "make study-paper  the same at paper scale (GPU-sized) -> results/study-paper"
 
 # torch is pinned in pyproject.toml to the CPU build; a user with a GPU
@@ -111,7 +112,20 @@ study-paper: install
 	  $(BIN)/fedfinn run $$f --continue --quiet || exit 1; done; \
 	  $(BIN)/fedfinn study runs/paper_$${d}_* --out results/study-paper/$$d --title "study-paper $$d"; done
 
-.PHONY: study-small study-paper
+# study-medium: the poster's regime on the full data (10 x 5,000 images, 4 per round, 40 rounds, 10,000 test
+# images), ~25-60 min per row on 2 cores; rows in the order of configs/study/medium/ORDER. Each row is
+# skipped when finished and resumed from its last checkpoint when started, and its run folder lives in
+# results/study-medium/runs (committed), so the study continues on any machine with this one command.
+STUDY_MEDIUM = $(shell cat configs/study/medium/ORDER)
+study-medium: install
+	for row in $(STUDY_MEDIUM); do $(BIN)/fedfinn run configs/study/medium/$$row.toml --continue --quiet || exit 1; done
+	$(MAKE) study-medium-report
+
+study-medium-report: install
+	$(BIN)/fedfinn study $(wildcard $(addprefix results/study-medium/runs/study_medium_,$(STUDY_MEDIUM))) \
+	  --out results/study-medium --title "study-medium"
+
+.PHONY: study-small study-paper study-medium study-medium-report
 
 # --- deployment (issue 3) ---
 # A Flower deployment on this machine: a SuperLink and NODES SuperNodes on

@@ -1,4 +1,4 @@
-"""Write one TOML per row of the poster's table (configs/paper/, configs/reduced/).
+"""Write one TOML per experiment row (configs/paper/, configs/reduced/, configs/study/).
 
 The files are committed; this script documents how they were made and
 rewrites them if the rows change:  python configs/generate.py
@@ -14,12 +14,14 @@ HERE = Path(__file__).resolve().parent
 ROWS = [("baseline", {"entropy_coding": False}), ("fp32_zstd", {})]
 ROWS += [(f"prune{p:02d}", {"prune_rate": p / 100}) for p in (10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99)]
 ROWS += [(f"q{b}bit", {"weight_bits": b}) for b in (8, 4, 1)]
-# Beyond the poster (issue 7): pruning + quantization + entropy coding in both directions, and
-# heterogeneous clients (a bit width per client, by partition id; the server's model at 8 bits)
+# Beyond the poster: pruning + quantization + entropy coding in both directions, and heterogeneous
+# clients (a bit width per client, by partition id; the server's model at 8 bits)
 BEYOND = [("q8_prune90", {"weight_bits": 8, "prune_rate": 0.9}),
           ("q4_prune70", {"weight_bits": 4, "prune_rate": 0.7}),
           ("q4_prune80", {"weight_bits": 4, "prune_rate": 0.8}),
           ("hetero_841", {"weight_bits": 8, "client_bits": [8, 4, 1]})]
+
+
 # Updates instead of models (training.updates): top-k of each tensor's change, quantized, with error
 # feedback on the uplink and per-node copies on the downlink; ablations without error feedback and
 # with the whole fp32 model on the downlink.
@@ -34,13 +36,47 @@ BEYOND += [("delta_d05_b4", delta(0.05, 4)), ("delta_d10_b8", delta(0.1, 8)), ("
 # The small study (make study-small): every row at a scale that runs in < 2 h on 2 cores
 SMALL = {"data": {"images_per_client": 1000, "test_images": 5000},
          "federation": {"rounds": 15, "backend": "parallel"}}
-# FINN-deployable models trained in the same loop (issue 4): (file stem, model name)
+# FINN-deployable models trained in the same loop: (file stem, model name)
 DEPLOYABLE = [("cnv_w2a2", "cnv-w2a2"), ("cnv_w4a4", "cnv-w4a4"), ("resnet12bn_w4a4", "resnet12-bn-w4a4")]
+
+
+# The medium study (make study-medium): the poster's regime on the full data, 40 rounds. Rows in the
+# order they run (the Makefile's STUDY_MEDIUM keeps this order); the quantization rows in three
+# protocols: "poster" (QAT clients, fp32 weights on the wire both ways: what the authors ran),
+# "fp32down" (quantized uplink, fp32 downlink) and "bit" (quantized both ways).
+def protocols(bits: int) -> list[tuple[str, dict]]:
+    return [(f"q{bits}_poster", {"weight_bits": bits, "uplink": "fp32", "downlink": "fp32"}),
+            (f"q{bits}_fp32down", {"weight_bits": bits, "downlink": "fp32"}),
+            (f"q{bits}bit", {"weight_bits": bits})]
+
+
+HEADLINE = ("delta_d20_b1", delta(0.2, 1))  # top 20 % per tensor, scaled sign (1 bit), error feedback
+MEDIUM = ([("fp32", {})] + protocols(4) + [("delta_d30_b4", delta(0.3, 4)), HEADLINE, ("prune90", {"prune_rate": 0.9})]
+          + protocols(1) + [("q8bit", {"weight_bits": 8}), ("prune50", {"prune_rate": 0.5}),
+                            ("prune99", {"prune_rate": 0.99}), ("q4_prune70", {"weight_bits": 4, "prune_rate": 0.7})])
+MEDIUM_SEEDS = [(f"{stem}_s{seed}", comp, seed) for seed in (1, 2) for stem, comp in [("fp32", {}), HEADLINE]]
+MEDIUM_BASE = {"run": {"out_dir": "results/study-medium/runs", "keep_checkpoints": 2},
+               "federation": {"rounds": 40, "backend": "parallel"},
+               "train": {"channels_last": True}}
 
 
 def write(folder: Path, header: str, stem: str, sections: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.toml").write_text(header + "\n" + tomli_w.dumps({k: v for k, v in sections.items() if v}))
+
+
+def write_medium() -> None:
+    folder = HERE / "study" / "medium"
+    header = ("# Medium study (make study-medium): full real CIFAR-10 (JPEG pack), 10 clients x 5,000 images\n"
+              "# (LDA alpha=100), 4 per round, 1 local epoch, lr 0.0316, batch 20, 40 rounds, all 10,000 test\n"
+              "# images; NHWC convolutions. Run folders live in results/study-medium/runs (committed).")
+    for stem, comp, seed in [(s, c, 0) for s, c in MEDIUM] + MEDIUM_SEEDS:
+        sections = {"run": {"name": f"study_medium_{stem}", **MEDIUM_BASE["run"]},
+                    "data": {"seed": seed} if seed else {},
+                    "federation": {**MEDIUM_BASE["federation"], **({"seed": seed} if seed else {})},
+                    "train": MEDIUM_BASE["train"], "compression": comp}
+        write(folder, header, stem, sections)
+    (folder / "ORDER").write_text("\n".join([s for s, _ in MEDIUM] + [s for s, _, _ in MEDIUM_SEEDS]) + "\n")
 
 
 def main() -> None:
@@ -60,7 +96,7 @@ def main() -> None:
                 })
     folder = HERE / "study" / "small"
     for stem, comp in ROWS + BEYOND:
-        header = ("# Small study (issue 7, make study-small): real CIFAR-10 (JPEG pack), 10 clients (alpha=100),\n"
+        header = ("# Small study (make study-small): real CIFAR-10 (JPEG pack), 10 clients (alpha=100),\n"
                   "# 4 per round, 1,000 images each, 1 local epoch, 15 rounds, 5,000 test images.")
         write(folder, header, stem, {
             "run": {"name": f"study_small_{stem}"},
@@ -68,11 +104,12 @@ def main() -> None:
             "federation": SMALL["federation"],
             "compression": comp,
         })
+    write_medium()
     for dataset in ("cifar10",):
         for epochs in (1, 10):
             folder = HERE / "paper" / f"{dataset}_e{epochs}_beyond"
             for stem, comp in BEYOND:
-                header = (f"# Beyond the poster (issue 7) at paper scale: {dataset}, 10 clients (LDA alpha=100), 40% per\n"
+                header = (f"# Beyond the poster at paper scale: {dataset}, 10 clients (LDA alpha=100), 40% per\n"
                           f"# round, 100 rounds, {epochs} local epoch(s), lr 0.0316, batch 20. GPU-sized: see README.")
                 write(folder, header, stem, {
                     "run": {"name": f"paper_{dataset}_e{epochs}_{stem}"},
@@ -83,7 +120,7 @@ def main() -> None:
                 })
     folder = HERE / "reduced"
     for stem, model in DEPLOYABLE:
-        header = ("# Deployable model (issue 4) at the reduced scale of the study rows beside it: full real\n"
+        header = ("# Deployable model at the reduced scale of the poster rows beside it: full real\n"
                   "# CIFAR-10, 10 clients (alpha=100), 4 per round, 1 local epoch, 5 rounds. Weights and\n"
                   "# activations quantized as the name says; the codec sends the weights at their bit width.")
         write(folder, header, stem, {
@@ -92,7 +129,7 @@ def main() -> None:
             "model": {"name": model},
         })
     for stem, comp in ROWS:
-        header = ("# Reduced scale (issue 2): full real CIFAR-10, 10 clients (alpha=100), 4 per round,\n"
+        header = ("# Reduced scale: full real CIFAR-10, 10 clients (alpha=100), 4 per round,\n"
                   "# 5,000 images each, 1 local epoch, 5 rounds, full 10,000-image test set.")
         write(folder, header, stem, {
             "run": {"name": f"reduced_{stem}"},

@@ -23,7 +23,10 @@ from flwr.clientapp import ClientApp
 from . import loop, updates
 from .compress import decode_for, expected_shapes, load_values, message_to_model, model_to_message, travelling_values
 from .pruning import prune_
-from .task import client_data, client_seed, client_weight_bits, config_from_record, dataset, make_model, pack, unpack
+from .task import (
+    client_data_on, client_seed, client_weight_bits, config_from_record, dataset, device_of, make_model, pack,
+    prepare_model, unpack,
+)
 
 app = ClientApp()
 
@@ -33,8 +36,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg = config_from_record(msg.content["config"])
     server_round = int(msg.content["config"].get("server-round", 0))
     partition_id = int(context.node_config["partition-id"])
-    if cfg.federation.backend in ("parallel", "ray"):  # clients side by side: one thread each by default
+    if cfg.federation.backend in ("parallel", "ray") or cfg.run.overlap_eval:  # never more threads than cores
         torch.set_num_threads(cfg.federation.threads_per_client)
+    device = device_of(cfg)
 
     t0 = time.perf_counter()
     down = unpack(msg.content["arrays"])
@@ -48,13 +52,15 @@ def train(msg: Message, context: Context) -> Message:
         message_to_model(model, down)
     t_decode = time.perf_counter() - t0
 
-    images, labels = client_data(cfg, partition_id)
+    images, labels = client_data_on(cfg, partition_id, device)
     d = dataset(cfg)
+    model = prepare_model(model, cfg, device)
     result = loop.train(
         model, images, labels,
         epochs=cfg.train.local_epochs, lr=cfg.train.lr, batch_size=cfg.train.batch_size,
         momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
         seed=client_seed(cfg, server_round, partition_id), mean=d.mean, std=d.std,
+        channels_last=cfg.train.channels_last, bf16=cfg.train.bf16,
     )
 
     t1 = time.perf_counter()
@@ -62,7 +68,8 @@ def train(msg: Message, context: Context) -> Message:
         up = send_update(cfg, model, view, residual, context)
     else:
         masks = prune_(model, cfg.compression.prune_rate, cfg.compression.prune_scope) if cfg.compression.prune_rate else None
-        up = model_to_message(model, masks, level=cfg.compression.zstd_level, entropy=cfg.compression.entropy_coding)
+        up = model_to_message(model, masks, level=cfg.compression.zstd_level, entropy=cfg.compression.entropy_coding,
+                              quantize=cfg.compression.uplink == "same")
     t_encode = time.perf_counter() - t1
 
     metrics = MetricRecord({

@@ -57,6 +57,9 @@ class TrainConfig:
     batch_size: int = 20
     momentum: float = 0.0
     weight_decay: float = 0.0
+    device: str = "auto"  # auto (CUDA when available, else CPU) | cpu | cuda | cuda:N
+    channels_last: bool = False  # NHWC memory layout for the convolutions: faster, not bit-identical to NCHW
+    bf16: bool = False  # bf16 autocast on CUDA (changes numerics; ignored on the CPU)
 
 
 @dataclass
@@ -73,7 +76,11 @@ class CompressionConfig:
     client_bits: list = field(default_factory=list)
     prune_rate: float = 0.0  # fraction of conv/linear weights zeroed, in [0, 1)
     prune_scope: str = "global"  # global threshold | layer (per-layer threshold)
-    downlink: str = "same"  # same: the server compresses the global model like the clients | fp32
+    # what travels when weight_bits < 32 ("model" mode): "same" = the quantized codes (the clients' and the
+    # server's compressed models); "fp32" = the float weights (uplink: the clients' latent QAT weights; downlink:
+    # the averaged model). The poster's protocol is uplink = downlink = "fp32": QAT clients, fp32 on the wire.
+    uplink: str = "same"
+    downlink: str = "same"
     entropy_coding: bool = True  # zstd over the message; false = the poster's uncompressed baseline
     zstd_level: int = 3
     # update = "delta" (training.updates): messages carry the top update_density fraction of each tensor's
@@ -92,7 +99,9 @@ class RunSection:
     out_dir: str = "runs"
     checkpoint_every: int = 1  # rounds between checkpoints (the last round is always saved)
     eval_batch_size: int = 500
+    overlap_eval: bool = True  # evaluate round r's global model while round r+1 trains (it does not depend on it)
     export_every: int = 0  # write runs/<name>/qonnx/round_NNN.onnx (+ finn/) every k rounds and at the end; 0 = never
+    keep_checkpoints: int = 0  # keep only the newest k checkpoints (0 = all); a run can still resume from the last
 
 
 @dataclass
@@ -201,6 +210,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")
     _check(0 <= t.momentum < 1, "train.momentum", "must be in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(t.device in ("auto", "cpu", "cuda") or (t.device.startswith("cuda:") and t.device[5:].isdigit()),
+           "train.device", f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     try:
         check_model_name(cfg.model.name)
     except ValueError as err:
@@ -215,6 +226,9 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= c.prune_rate < 1, "compression.prune_rate", f"must be in [0, 1), got {c.prune_rate}")
     _check(c.prune_scope in ("global", "layer"), "compression.prune_scope", "must be global or layer")
     _check(c.downlink in ("same", "fp32"), "compression.downlink", f"must be same or fp32, got {c.downlink!r}")
+    _check(c.uplink in ("same", "fp32"), "compression.uplink", f"must be same or fp32, got {c.uplink!r}")
+    _check(c.update == "model" or c.uplink == "same", "compression.uplink",
+           "applies to update = \"model\"; with update = \"delta\" use update_bits")
     _check(1 <= c.zstd_level <= 22, "compression.zstd_level", "must be in 1..22")
     _check(c.update in ("model", "delta"), "compression.update", f"must be model or delta, got {c.update!r}")
     _check(0 < c.update_density <= 1, "compression.update_density", f"must be in (0, 1], got {c.update_density}")
@@ -228,6 +242,7 @@ def validate(cfg: RunConfig) -> None:
     _check(r.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
     _check(r.eval_batch_size >= 1, "run.eval_batch_size", "must be >= 1")
     _check(r.export_every >= 0, "run.export_every", "must be >= 0 (0 = never)")
+    _check(r.keep_checkpoints >= 0, "run.keep_checkpoints", "must be >= 0 (0 = all)")
     validate_hardware(cfg.hardware)
 
 

@@ -22,6 +22,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .codec import mib
 from .config import RunConfig, from_dict
 
@@ -110,6 +112,40 @@ _CHECKPOINT = re.compile(r"^round_(\d+)\.ffnc$")
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     """``checkpoints/round_NNN.ffnc``: the global model of a round, as sent to the clients (codec bytes)."""
     return Path(run_dir) / "checkpoints" / f"round_{server_round:03d}.ffnc"
+
+
+def state_path(run_dir: Path, server_round: int) -> Path:
+    """``checkpoints/round_NNN.state.npz``: update mode's per-node copies (server) and node states, if any."""
+    return Path(run_dir) / "checkpoints" / f"round_{server_round:03d}.state.npz"
+
+
+def write_state(run_dir: Path, server_round: int, arrays: dict[str, np.ndarray]) -> None:
+    """Named uint8 arrays (codec messages) beside the round's checkpoint, written atomically."""
+    path = state_path(run_dir, server_round)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def read_state(run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
+    """What :func:`write_state` wrote for the round ({} if nothing)."""
+    path = state_path(run_dir, server_round)
+    if not path.exists():
+        return {}
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def prune_checkpoints(run_dir: Path, keep: int, recorded: int) -> None:
+    """Keep the newest ``keep`` checkpoints among the recorded rounds (0 = keep all); newer, not yet
+    recorded ones stay too, so a run can always resume from a round that has its JSON line."""
+    if keep <= 0:
+        return
+    rounds = [r for r in checkpoint_rounds(run_dir) if r <= recorded]
+    for r in rounds[:-keep]:
+        checkpoint_path(run_dir, r).unlink(missing_ok=True)
+        state_path(run_dir, r).unlink(missing_ok=True)
 
 
 def checkpoint_rounds(run_dir: Path) -> list[int]:

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from uuid import uuid4
 
+import numpy as np
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .client_app import app as client_app
@@ -30,9 +31,11 @@ from .config import RunConfig
 from .flower_compat import set_message_ids, stamp_server_task_identity
 from .recorder import prepare_run_dir
 from .server_app import RoundObserver, serve
-from .task import dataset
+from .task import WIRE_STYPE, dataset, device_of, pack
 
 log = logging.getLogger("fedfinn")
+
+NODE_PREFIX = "node."  # node_states key prefix: node.<node id>.<record>.<array>
 
 
 def call_client(client_app, msg: Message, context: Context) -> Message:
@@ -44,12 +47,12 @@ def call_client(client_app, msg: Message, context: Context) -> Message:
         return Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
 
-_WORKER_APP = None
+_WORKER_APP = None  # the ClientApp of a pool worker
 
 
-def _worker_init(client_app, threads: int) -> None:
+def _worker_init(app, threads: int) -> None:
     global _WORKER_APP
-    _WORKER_APP = client_app
+    _WORKER_APP = client_app if app is None else app  # None: this module's (a spawned worker imports it)
     torch.set_num_threads(threads)
 
 
@@ -63,15 +66,18 @@ class InProcessGrid(Grid):
 
     ``workers <= 1``: each message is handled right away in this process,
     clients one after another. ``workers > 1``: messages go to a pool of
-    forked worker processes (one single-thread torch per worker by default)
-    that inherit the loaded data set, so clients train in parallel at no
-    start-up cost. Either way a ClientApp that raises produces an error
-    reply, as a SuperNode would, so the strategy sees the same thing in
-    every runtime.
+    worker processes (one single-thread torch per worker by default):
+    forked, so they inherit the loaded data set and train in parallel at no
+    start-up cost, or started with ``spawn`` when clients train on a GPU
+    (CUDA does not survive a fork). The pool's workers run this module's
+    ClientApp. Either way a ClientApp that raises produces an error reply,
+    as a SuperNode would, so the strategy sees the same thing in every
+    runtime. What the nodes keep in ``context.state`` (update mode) can be
+    saved with a checkpoint and restored (``node_states``).
     """
 
     def __init__(self, client_app, num_nodes: int, node_config: dict | None = None,
-                 workers: int = 0, threads_per_worker: int = 1):
+                 workers: int = 0, threads_per_worker: int = 1, start_method: str = "fork"):
         self.client_app = client_app
         self.contexts = {
             node_id: Context(run_id=1, node_id=node_id,
@@ -85,7 +91,9 @@ class InProcessGrid(Grid):
         # Fork before this process runs any torch op: forked OpenMP pools can hang.
         self.pool = None
         if workers > 1:
-            self.pool = mp.get_context("fork").Pool(workers, _worker_init, (client_app, threads_per_worker))
+            # a forked worker inherits any ClientApp; a spawned one imports this module's
+            app = None if client_app is globals()["client_app"] else client_app
+            self.pool = mp.get_context(start_method).Pool(workers, _worker_init, (app, threads_per_worker))
         stamp_server_task_identity()
 
     def close(self) -> None:
@@ -93,6 +101,28 @@ class InProcessGrid(Grid):
             self.pool.terminate()
             self.pool.join()
             self.pool = None
+
+    def node_states(self) -> dict[str, np.ndarray]:
+        """Every node's ``context.state`` arrays (our codec messages), named ``node.<id>.<record>.<array>``."""
+        out = {}
+        for node, ctx in self.contexts.items():
+            for rec_name, record in ctx.state.array_records.items():
+                for arr_name, arr in record.items():
+                    if arr.dtype != "uint8" or arr.stype != WIRE_STYPE:
+                        raise ValueError(f"node {node}: state {rec_name}/{arr_name} is not a codec message")
+                    out[f"{NODE_PREFIX}{node}.{rec_name}.{arr_name}"] = np.frombuffer(arr.data, dtype=np.uint8)
+        return out
+
+    def restore_node_states(self, state: dict[str, np.ndarray]) -> None:
+        """Put :meth:`node_states`' arrays back into the nodes' contexts."""
+        records: dict[tuple[int, str], dict] = {}
+        for key, value in state.items():
+            if not key.startswith(NODE_PREFIX):
+                continue
+            node, rec_name, arr_name = key[len(NODE_PREFIX):].split(".", 2)
+            records.setdefault((int(node), rec_name), {})[arr_name] = pack(value.tobytes())["message"]
+        for (node, rec_name), arrays in records.items():
+            self.contexts[node].state[rec_name] = ArrayRecord(arrays)
 
     def set_run(self, run) -> None:
         self._run = run
@@ -141,22 +171,42 @@ class InProcessGrid(Grid):
 
 def run_inprocess(cfg: RunConfig, observers: list[RoundObserver], progress: bool = True,
                   resume: bool = False) -> Path:
-    """``inprocess`` (clients one after another) or ``parallel`` (forked workers)."""
+    """``inprocess`` (clients one after another) or ``parallel`` (worker processes)."""
     workers = 0
+    gpu = device_of(cfg).type == "cuda"
     if cfg.federation.backend == "parallel":
         workers = parallel_clients(cfg)
-        dataset(cfg)  # load once here; the forked workers inherit it
+        if not gpu:
+            dataset(cfg)  # load once here; the forked workers inherit it
     grid = InProcessGrid(client_app, cfg.federation.num_clients, workers=workers,
-                         threads_per_worker=cfg.federation.threads_per_client)
+                         threads_per_worker=cfg.federation.threads_per_client,
+                         start_method="spawn" if gpu else "fork")
     try:
-        return serve(grid, cfg, observers=observers, progress=progress, resume=resume)
+        return serve(grid, cfg, observers=observers, progress=progress, resume=resume, eval_threads=eval_threads(cfg))
     finally:
         grid.close()
 
 
+def cores() -> int:
+    """The cores this process may run on (the affinity mask: a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def parallel_clients(cfg: RunConfig) -> int:
+    """Clients trained at once by the parallel and ray backends: ``federation.parallel_clients``, else as many
+    single-thread workers as there are cores (on a GPU: 2, sharing it)."""
     f = cfg.federation
-    return f.parallel_clients or max(1, (os.cpu_count() or 1) // f.threads_per_client)
+    if f.parallel_clients:
+        return f.parallel_clients
+    if device_of(cfg).type == "cuda":
+        return 2
+    return max(1, cores() // f.threads_per_client)
+
+
+def eval_threads(cfg: RunConfig) -> int | None:
+    """torch threads of the server process: 1 while its evaluation overlaps training on the same cores
+    (never more threads than cores), else torch's default."""
+    return 1 if cfg.run.overlap_eval else None
 
 
 def run_ray(cfg: RunConfig, observers: list[RoundObserver], progress: bool = True, resume: bool = False) -> Path:
@@ -169,17 +219,21 @@ def run_ray(cfg: RunConfig, observers: list[RoundObserver], progress: bool = Tru
     @server_app.main()
     def _main(grid, context):  # the simulation engine runs this in a thread of this process
         try:
-            serve(grid, cfg, observers=observers, progress=progress, resume=resume)
+            serve(grid, cfg, observers=observers, progress=progress, resume=resume, eval_threads=eval_threads(cfg))
         except BaseException as err:
             failure.append(err)
             raise
 
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: silence Ray's tip
-    cores = os.cpu_count() or 1
     parallel = parallel_clients(cfg)
+    gpu = device_of(cfg).type == "cuda"
+    if not gpu:
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: silence Ray's tip
+    n = cores()
     backend_config = {
-        "client_resources": {"num_cpus": max(1, cores // parallel), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True},
+        # clients share the GPU: each asks for 1/parallel of it, so Ray runs `parallel` at once
+        "client_resources": {"num_cpus": max(1, n // parallel), "num_gpus": 1.0 / parallel if gpu else 0.0},
+        "init_args": {"num_cpus": n, "include_dashboard": False, "logging_level": logging.WARNING,
+                      "log_to_driver": True},
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                    backend_config=backend_config)

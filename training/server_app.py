@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -38,13 +39,15 @@ from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from . import loop
-from .compress import message_to_model
+from .compress import decode_for, load_values, message_to_model
 from .config import RunConfig
 from .flower_compat import set_message_ids
 from .pruning import sparsity
-from .recorder import append_jsonl, checkpoint_path, read_metrics, round_record, write_atomic
+from .recorder import (
+    append_jsonl, checkpoint_path, prune_checkpoints, read_metrics, read_state, round_record, write_atomic, write_state,
+)
 from .strategy import CompressedFedAvg, RoundStats
-from .task import config_record, dataset, make_model, pack, test_data
+from .task import config_record, dataset, device_of, make_model, pack, prepare_model, test_data_on
 
 log = logging.getLogger("fedfinn.server")
 
@@ -135,48 +138,119 @@ class PollingGrid(Grid):
         return replies
 
 
+class GlobalEvaluation:
+    """The downlink model of every round on the run's test images: one model, on the run's device.
+
+    With ``run.overlap_eval`` the evaluation runs in one worker thread, so round r's model is
+    evaluated while round r+1 trains (the next round does not depend on it); ``threads`` bounds
+    torch's threads in this process meanwhile (training workers on the same cores keep theirs).
+    """
+
+    def __init__(self, cfg: RunConfig, threads: int | None = None):
+        self.cfg = cfg
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device_of(cfg)
+        self.model = prepare_model(make_model(cfg), cfg, self.device)  # built once, here: make_model seeds torch
+        self.x, self.y = test_data_on(cfg, self.device)
+        self.stats = dataset(cfg)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="evaluate") if cfg.run.overlap_eval else None
+
+    def __call__(self, blob: bytes) -> dict:
+        t0 = time.perf_counter()
+        load_values(self.model, decode_for(self.model, blob))
+        c = self.cfg
+        loss, accuracy = loop.evaluate(self.model, self.x, self.y, batch_size=c.run.eval_batch_size,
+                                       mean=self.stats.mean, std=self.stats.std,
+                                       channels_last=c.train.channels_last, bf16=c.train.bf16)
+        return {"accuracy": accuracy, "loss": loss, "sparsity": sparsity(self.model),
+                "seconds": time.perf_counter() - t0}
+
+    def submit(self, blob: bytes) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(self, blob)
+        done: Future = Future()
+        done.set_result(self(blob))
+        return done
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+@dataclass
+class _Pending:
+    """A round whose global model is saved and being evaluated; its JSON line is still to be written."""
+
+    stats: RoundStats
+    blob: bytes
+    evaluation: Future
+
+
 def serve(grid: Grid, cfg: RunConfig, *, observers: Iterable[RoundObserver] = (), progress: bool = True,
-          resume: bool = False) -> Path:
-    """Run every round of ``cfg`` over ``grid``; ``resume`` continues a stopped run from its last checkpoint."""
+          resume: bool = False, eval_threads: int | None = None) -> Path:
+    """Run every round of ``cfg`` over ``grid``; ``resume`` continues a stopped run from its last checkpoint.
+
+    Round r: train + aggregate (run_round), checkpoint (and the update-mode state), evaluation started;
+    the round is recorded (observers, JSON line) once its evaluation is done, which with
+    ``run.overlap_eval`` is while round r+1 trains.
+    """
     run_dir = cfg.run_dir
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     observers = list(observers)
     started = time.perf_counter()
     strategy = CompressedFedAvg(cfg)
-    done, arrays = resume_point(strategy, run_dir) if resume else (0, strategy.initial_arrays())
+    done, arrays = resume_point(strategy, run_dir, grid) if resume else (0, strategy.initial_arrays())
+    evaluation = GlobalEvaluation(cfg, eval_threads)
+    pending: _Pending | None = None
     with tqdm(total=cfg.federation.rounds, initial=done, desc=cfg.run.name, unit="round",
               disable=not progress) as bar:
-        for server_round in range(done + 1, cfg.federation.rounds + 1):
-            arrays = run_round(strategy, grid, server_round, arrays, cfg)
-            stats = strategy.current
-            accuracy, loss = evaluate_global(cfg, strategy.last_down, stats)
-            end = RoundEnd(cfg, server_round, strategy.last_down, accuracy, loss)
-            if end.every(cfg.run.checkpoint_every):
-                write_atomic(checkpoint_path(run_dir, server_round), strategy.last_down)
-            record = round_record(stats, accuracy, loss)
+        def record(p: _Pending, next_start: float) -> None:
+            result = p.evaluation.result()
+            p.stats.times["evaluate"] = result["seconds"]
+            p.stats.times["round"] = next_start - p.stats.started  # this round's share of the run's wall time
+            p.stats.sparsity = result["sparsity"]
+            end = RoundEnd(cfg, p.stats.round, p.blob, result["accuracy"], result["loss"])
+            line = round_record(p.stats, end.accuracy, end.loss)
             for observe in observers:
-                record.update(observe(end))
-            append_jsonl(run_dir / "metrics.jsonl", record)
+                line.update(observe(end))
+            append_jsonl(run_dir / "metrics.jsonl", line)
+            prune_checkpoints(run_dir, cfg.run.keep_checkpoints, recorded=p.stats.round)
             bar.update(1)
-            bar.set_postfix(acc=f"{accuracy:.3f}", up=f"{record['mib_up_mean'] or 0:.3f}MiB",
-                            down=f"{record['mib_down']:.3f}MiB")
+            bar.set_postfix(acc=f"{end.accuracy:.3f}", up=f"{line['mib_up_mean'] or 0:.3f}MiB",
+                            down=f"{line['mib_down']:.3f}MiB")
+
+        try:
+            for server_round in range(done + 1, cfg.federation.rounds + 1):
+                arrays = run_round(strategy, grid, server_round, arrays, cfg)
+                stats = strategy.current
+                if server_round == cfg.federation.rounds or server_round % cfg.run.checkpoint_every == 0:
+                    save_round(run_dir, server_round, strategy, grid)
+                if pending is not None:
+                    finished, pending = pending, None
+                    record(finished, stats.started)
+                pending = _Pending(stats, strategy.last_down, evaluation.submit(strategy.last_down))
+        finally:
+            try:  # the last round, or the round finished before an interruption: its line is not lost
+                if pending is not None:
+                    record(pending, time.perf_counter())
+            finally:
+                evaluation.close()
     summary = {"run": cfg.run.name, "rounds": cfg.federation.rounds, "seconds": time.perf_counter() - started}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir
 
 
-def evaluate_global(cfg: RunConfig, blob: bytes, stats: RoundStats) -> tuple[float, float]:
-    """(accuracy, loss) of the downlink model on the run's test images; times and sparsity into ``stats``."""
-    t0 = time.perf_counter()
-    model = make_model(cfg)
-    message_to_model(model, blob)
-    x_test, y_test = test_data(cfg)
-    d = dataset(cfg)
-    loss, accuracy = loop.evaluate(model, x_test, y_test, batch_size=cfg.run.eval_batch_size, mean=d.mean, std=d.std)
-    stats.times["evaluate"] = time.perf_counter() - t0
-    stats.times["round"] = time.perf_counter() - stats.started
-    stats.sparsity = sparsity(model)
-    return accuracy, loss
+def save_round(run_dir: Path, server_round: int, strategy: CompressedFedAvg, grid: Grid) -> None:
+    """The round's checkpoint (the downlink message, byte for byte) and, in update mode, the state a
+    bit-exact resume needs: the server's copy of each node's model and each node's own state where the
+    grid can hand it over (the in-process grids)."""
+    write_atomic(checkpoint_path(run_dir, server_round), strategy.last_down)
+    state = strategy.state_arrays()
+    if state and hasattr(grid, "node_states"):
+        state.update(grid.node_states())
+    if state:
+        write_state(run_dir, server_round, state)
 
 
 def run_round(strategy: CompressedFedAvg, grid: Grid, server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
@@ -213,11 +287,14 @@ def note_missing(strategy: CompressedFedAvg, messages: list, replies: list, time
         strategy.current.rejected.append({"node": int(node), "reason": f"no reply {wait} (node lost or too slow)"})
 
 
-def resume_point(strategy: CompressedFedAvg, run_dir: Path) -> tuple[int, ArrayRecord]:
+def resume_point(strategy: CompressedFedAvg, run_dir: Path, grid: Grid) -> tuple[int, ArrayRecord]:
     """The last round with both a metrics line and a checkpoint, and its global model.
 
     Metrics lines after that round (possible with ``checkpoint_every`` > 1)
-    are dropped, so every round appears exactly once when the run ends.
+    are dropped, so every round appears exactly once when the run ends. The
+    update-mode state saved with that checkpoint goes back into the strategy
+    and, where the grid takes it, into the nodes; what cannot be restored is
+    logged (those nodes start over from the initial model, by fingerprint).
     """
     rows = read_metrics(run_dir)
     done = 0
@@ -232,6 +309,14 @@ def resume_point(strategy: CompressedFedAvg, run_dir: Path) -> tuple[int, ArrayR
         log.warning("resume: dropping %d round(s) after the last checkpoint (round %d)", len(rows) - len(kept), done)
         write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
     blob = checkpoint_path(run_dir, done).read_bytes()
-    strategy.restore(blob, done)
+    state = read_state(run_dir, done)
+    strategy.restore(blob, done, state)
+    if strategy.delta:
+        if state and hasattr(grid, "restore_node_states"):
+            grid.restore_node_states(state)
+        else:
+            log.warning("resume: the nodes' own update-mode state is not restored here (%s): a node whose copy "
+                        "differs from the server's starts over from the initial model",
+                        "no state saved" if not state else "this grid keeps no node state")
     log.info("resuming after round %d", done)
     return done, pack(blob)

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from . import codec, updates
-from .compress import decode_for, load_values, model_to_message, travelling_values
+from .compress import decode_for, expected_shapes, load_values, model_to_message, travelling_values
 from .config import RunConfig, sampled_per_round
 from .pruning import prune_
 from .task import client_weight_bits, make_model, pack, unpack
@@ -44,6 +44,7 @@ from .task import client_weight_bits, make_model, pack, unpack
 log = logging.getLogger("fedfinn.server")
 
 MAX_EXAMPLES = 10_000_000  # a reply claiming more examples than this is refused
+VIEW_PREFIX = "server.view."  # state_arrays key of the server's copy of a node's model
 
 
 @dataclass
@@ -101,11 +102,19 @@ class CompressedFedAvg(FedAvg):
     def initial_arrays(self) -> ArrayRecord:
         return pack(self.downlink_message(self.server_model))
 
-    def restore(self, blob: bytes, rounds_done: int) -> None:
-        """Continue after ``rounds_done`` rounds from the global model ``blob`` (a checkpoint)."""
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Update mode: the server's copy of every node's model, as lossless codec messages (a resume needs them)."""
+        return {f"{VIEW_PREFIX}{node}": np.frombuffer(updates.values_to_blob(view), dtype=np.uint8)
+                for node, view in self.views.items()}
+
+    def restore(self, blob: bytes, rounds_done: int, state: dict[str, np.ndarray] | None = None) -> None:
+        """Continue after ``rounds_done`` rounds from the global model ``blob`` (a checkpoint) and, in update
+        mode, the nodes' copies saved with it (a node without one starts over from the initial model)."""
         load_values(self.server_model, decode_for(self.server_model, blob))
         self.last_down = blob
-        self.views = {}  # the nodes' copies are unknown: each starts over from the initial model
+        shapes = expected_shapes(self.server_model)
+        self.views = {int(k[len(VIEW_PREFIX):]): updates.blob_to_values(v.tobytes(), shapes)
+                      for k, v in (state or {}).items() if k.startswith(VIEW_PREFIX)}
         self.rng = np.random.default_rng(self.cfg.federation.seed)
         for _ in range(rounds_done):  # replay the sampling so round r samples as in an uninterrupted run
             self._sample_positions(self.cfg.federation.num_clients)

@@ -80,6 +80,54 @@ def client_data(cfg: RunConfig, partition_id: int) -> tuple[np.ndarray, np.ndarr
     return d.train_x[idx], d.train_y[idx]
 
 
+def device_of(cfg: RunConfig) -> torch.device:
+    """The run's device: ``train.device``, with "auto" = the first CUDA device when there is one."""
+    name = cfg.train.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device = {cfg.train.device!r}, but this torch ({torch.__version__}) sees no "
+                           "CUDA device; use train.device = \"cpu\" or \"auto\"")
+    return torch.device(name)
+
+
+@lru_cache(maxsize=16)
+def _on_device(dataset_key: tuple, split_key: tuple, which: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    d = _dataset(*dataset_key)
+    if which == "test":
+        x, y = d.test_x, d.test_y
+    else:
+        idx = _split(dataset_key, *split_key[:3])[int(which)][: split_key[3] or None]
+        x, y = d.train_x[idx], d.train_y[idx]
+    return torch.as_tensor(np.ascontiguousarray(x)).to(device), torch.as_tensor(y).to(device)
+
+
+def client_data_on(cfg: RunConfig, partition_id: int, device: torch.device):
+    """:func:`client_data` as tensors on ``device``; moved there once per process (numpy on the CPU)."""
+    if device.type == "cpu":
+        return client_data(cfg, partition_id)
+    client_data(cfg, partition_id)  # the checks
+    f, d = cfg.federation, cfg.data
+    return _on_device((d.dataset, d.data_dir), (f.num_clients, d.alpha, d.seed, d.images_per_client),
+                      str(partition_id), str(device))
+
+
+def test_data_on(cfg: RunConfig, device: torch.device):
+    """:func:`test_data` as tensors on ``device`` (numpy on the CPU)."""
+    x, y = test_data(cfg)
+    if device.type == "cpu":
+        return x, y
+    f, d = cfg.federation, cfg.data
+    xt, yt = _on_device((d.dataset, d.data_dir), (f.num_clients, d.alpha, d.seed, 0), "test", str(device))
+    return xt[: len(y)], yt[: len(y)]
+
+
+def prepare_model(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The model on the run's device, in the run's memory layout (channels_last: NHWC convolutions)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.train.channels_last else model
+
+
 def test_data(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     d = dataset(cfg)
     n = cfg.data.test_images or len(d.test_y)
