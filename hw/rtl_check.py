@@ -457,31 +457,51 @@ def _known_for(errs: list[Message]) -> list[KnownFailure] | None:
     return hits
 
 
-def _relint(exe: str, unit: RtlUnit, hits: list[KnownFailure], max_errors: int, max_rounds: int) -> dict:
+class StaleWorkaround(ValueError):
+    """A work-around's text is no longer in the source (finn-rtllib changed)."""
+
+
+def apply_workarounds(unit: RtlUnit, failures: list[KnownFailure], out_dir: str | Path) -> tuple[list[str], list[str]]:
+    """The unit's files with the failures' text replacements applied to copies in
+    ``out_dir`` (same relative paths under it), and the Verilator options they add."""
     rtllib = finn_rtllib()
+    files, options = list(unit.files), []
+    for k in failures:
+        options += [o for o in k.options if o not in options]
+        if not k.replace:
+            continue
+        src = str(rtllib / k.source)
+        dst = Path(out_dir) / k.source  # same relative path: its errors still match k.source
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        text = dst.read_text() if dst.exists() else Path(src).read_text()
+        for old, new in k.replace:
+            if old in text:
+                text = text.replace(old, new)
+            elif new not in text:
+                raise StaleWorkaround(f"{k.source} no longer holds {old!r}")
+        dst.write_text(text)
+        files = [str(dst) if f == src else f for f in files]
+    return files, options
+
+
+def workaround_unit(unit: RtlUnit, keys: list[str], out_dir: str | Path) -> tuple[RtlUnit, list[str]]:
+    """A copy of ``unit`` whose sources carry the work-arounds of the known failures
+    ``keys`` (scratch copies in ``out_dir``), and the Verilator options they add."""
+    by_key = {k.key: k for k in KNOWN_FAILURES}
+    files, options = apply_workarounds(unit, [by_key[k] for k in keys], out_dir)
+    return RtlUnit(unit.layer, unit.op_type, unit.kind, unit.top, files, unit.code_gen_dir, list(unit.defines),
+                   unit.view, unit.variant), options
+
+
+def _relint(exe: str, unit: RtlUnit, hits: list[KnownFailure], max_errors: int, max_rounds: int) -> dict:
     applied: list[KnownFailure] = []
     with tempfile.TemporaryDirectory(prefix="rtl_workaround_") as tmp:
         for _ in range(max_rounds):
-            for k in hits:
-                if k not in applied:
-                    applied.append(k)
-            files, options = list(unit.files), []
-            for k in applied:
-                options += [o for o in k.options if o not in options]
-                if not k.replace:
-                    continue
-                src = str(rtllib / k.source)
-                dst = Path(tmp) / k.source  # same relative path: its errors still match k.source
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                text = dst.read_text() if dst.exists() else Path(src).read_text()
-                for old, new in k.replace:
-                    if old in text:
-                        text = text.replace(old, new)
-                    elif new not in text:
-                        return {"status": "workaround-stale", "applied": [a.key for a in applied],
-                                "note": f"{k.source} no longer holds {old!r}"}
-                dst.write_text(text)
-                files = [str(dst) if f == src else f for f in files]
+            applied += [k for k in hits if k not in applied]
+            try:
+                files, options = apply_workarounds(unit, applied, tmp)
+            except StaleWorkaround as e:
+                return {"status": "workaround-stale", "applied": [a.key for a in applied], "note": str(e)}
             rc, msgs, _ = _lint(exe, unit, files, options)
             errs = [m for m in msgs if m.severity == "Error"]
             new_hits = _known_for(errs) if errs else None

@@ -31,7 +31,9 @@ them, as every release before 5.006 did; the RTL sources are not changed).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -229,3 +231,47 @@ class ThresholdingRTL:
     @staticmethod
     def stream_commands(words: list[str]) -> list[str]:
         return [f"stream {len(words)}", *words]
+
+
+#: Extra options of a memstream model: the testbench drives the memstream wrapper's ports.
+MEMSTREAM_OPTIONS = SIM_OPTIONS + ("-CFLAGS", "-DTB_MEMSTREAM")
+
+
+class MemstreamRTL:
+    """The memstream weight memory of an HLS layer with ``mem_mode=internal_decoupled``
+    (its ``<layer>_memstream_wrapper.v``): what the layer's runtime-weight file is
+    written into, and what streams the weights to the (HLS) compute.
+
+    memstream.sv does not go through Verilator 5.006 as shipped (known failure
+    ``memstream-unpacked-concat``); :func:`hw.rtl_check.workaround_unit` gives a unit
+    with the one statement rewritten, which is what this class is used with."""
+
+    def __init__(self, model, node_name: str, wrapper: str | Path):
+        from qonnx.custom_op.registry import getCustomOp
+
+        self.node = model.get_node_from_name(node_name)
+        self.inst = getCustomOp(self.node)
+        text = Path(wrapper).read_text()
+
+        def param(name):
+            m = re.search(rf"parameter\s+{name}\s*=\s*([^,\n]+)", text)
+            return m.group(1).strip().strip('"') if m else None
+
+        self.depth, self.width, self.sets = int(param("DEPTH")), int(param("WIDTH")), int(param("SETS"))
+        self.init_file = param("INIT_FILE")
+        self.words_per_line = 1 << max(0, math.ceil(math.log2(self.width / 32)))
+
+    @staticmethod
+    def lines(path: str | Path) -> list[int]:
+        """A memory image (one hex memory line per text line, as $readmemh reads it)."""
+        return [int(x, 16) for x in Path(path).read_text().split()]
+
+    def memory_image(self, weights: np.ndarray, path: str | Path) -> list[int]:
+        """The memory image finn-plus compiles in for ``weights`` (memblock.dat)."""
+        self.inst.make_weight_file(np.asarray(weights), "decoupled_verilog_dat", str(path))
+        return self.lines(path)
+
+    def runtime_words(self, weights: np.ndarray, path: str | Path) -> list[int]:
+        """The runtime-weight words finn-plus writes for ``weights`` (the driver's .dat)."""
+        self.inst.make_weight_file(np.asarray(weights), "decoupled_runtime", str(path))
+        return dat_words(path)

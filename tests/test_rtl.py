@@ -295,3 +295,52 @@ def test_thresholds_written_over_axilite(rounds, models, layer, source, tmp_path
           f"{len(stream)} words per pass, {len(words)} AXI-lite words; {changed:.0%} of thresholds changed, "
           f"{int(np.sum(ref_old != ref_new))} outputs differ old vs new; compile {'cached' if cached else f'{t_compile:.1f} s'}, "
           f"simulation {sum(run.cycles)} cycles; {time.time() - t0:.1f} s")
+
+
+def test_weights_written_over_axilite_into_memstream(rounds, models, tmp_path):
+    """The other half of a round's update: MVAU_hls_0's weights (16 lines of 216 bits,
+    8 AXI-lite words per line) written into its memstream, with memstream.sv:234 rewritten
+    (the only change; Verilator 5.006 cannot parse it as shipped, see docs/rtl.md).
+
+    From reset it streams the compiled-in round-0 image (memblock.dat). The round-1 .dat
+    words go in as the driver writes them and read back equal; after one pass (the driver's
+    `flush_accel` run) it streams exactly the image finn-plus would compile in for round 1's
+    weights - so writing the .dat over AXI-lite is the same as rebuilding with them. The
+    flush pass may still carry words fetched before the write (at most the 8 of memstream's
+    credit buffer + its output register). Negative check: the words one address off."""
+    from hw.rtl_check import units_of, workaround_unit
+    from hw.rtl_sim import MEMSTREAM_OPTIONS, MemstreamRTL, dat_words, run_script, verilate
+
+    if not (shutil.which("g++") and shutil.which("make")):
+        pytest.skip(f"Verilator's C++ build needs g++ and make; {INSTALL_HINT}")
+    layer = "MVAU_hls_0"
+    m0, m1 = models
+    unit = next(u for u in units_of(m0) if u.layer == layer and u.kind == "memstream")
+    mem = MemstreamRTL(m0, layer, unit.files[-1])
+    w0, w1 = m0.get_initializer(mem.node.input[1]), m1.get_initializer(mem.node.input[1])
+    assert float(np.mean(w0 != w1)) > 0.3
+    old_img = mem.lines(mem.init_file)
+    assert old_img == mem.memory_image(w0, tmp_path / "old.dat") and len(old_img) == mem.depth
+    new_img = mem.memory_image(w1, tmp_path / "new.dat")
+    words = dat_words(next(rounds["round1_dat"].glob(f"*_{layer}.dat")))
+    assert words == mem.runtime_words(w1, tmp_path / "rt.dat")
+    assert len(words) == mem.depth * mem.words_per_line and new_img != old_img
+
+    patched, opts = workaround_unit(unit, ["memstream-unpacked-concat"], tmp_path / "src")
+    assert opts == []
+    binary, _ = verilate(patched, options=MEMSTREAM_OPTIONS)
+    d = mem.depth
+    cmds = ["seed 3", "ready 60", "reset 8", f"collect {d}",
+            *[f"write {4 * i:x} {w:08x}" for i, w in enumerate(words)], *[f"read {4 * i:x}" for i in range(len(words))],
+            f"collect {d}", f"collect {d}",
+            *[f"write {4 * (i + 1):x} {w:08x}" for i, w in enumerate(words[:-1])], f"collect {d}", f"collect {d}"]
+    run = run_script(binary, patched, cmds)
+    before, flush, after, _, shifted = run.outputs
+    assert before == old_img, "from reset: not the compiled-in image"
+    assert [r for r, _ in run.reads] == words and set(run.bresps) == {0}
+    stale = [i for i in range(d) if flush[i] != new_img[i]]
+    assert all(i < 9 and flush[i] == old_img[i] for i in stale), stale
+    assert after == new_img, "after the write and one pass: not round 1's image"
+    assert shifted != new_img
+    print(f"\n{layer} memstream (memstream.sv:234 rewritten): {d} lines x {mem.width} bits, {len(words)} "
+          f"AXI-lite words; {len(stale)} stale words in the flush pass; {sum(run.cycles)} cycles")

@@ -1,6 +1,8 @@
 // A generic Verilator testbench for one FINN layer top with an AXI-lite slave
 // (s_axilite_*), one AXI-stream input (in0_V_*) and one AXI-stream output
 // (out0_V_*), e.g. a filled Thresholding_rtl wrapper. Driven by hw/rtl_sim.py.
+// Built with -DTB_MEMSTREAM it drives a memstream wrapper instead (a weight
+// memory: AXI-lite + the output stream m_axis_0_*, no input stream).
 //
 // Commands on stdin, one per line; replies on stdout:
 //   seed S            seed of the handshake randomization
@@ -11,6 +13,7 @@
 //   read A            one AXI-lite read                       -> "R <rdata hex> <rresp>"
 //   stream N          then N lines of hex input words; runs until N output words
 //                     came out                                -> N lines "O <hex>", then "ok stream <cycles>"
+//   collect N         (no input stream) N output words        -> N lines "O <hex>", then "ok stream <cycles>"
 // Any handshake that does not complete within the time-out prints "timeout ..." and exits 2.
 // The verilated model is always class Vdut (verilator --prefix Vdut).
 #include <cstdint>
@@ -24,6 +27,16 @@
 
 #include "Vdut.h"
 #include "verilated.h"
+
+#ifdef TB_MEMSTREAM
+#define OUT_VALID m_axis_0_tvalid
+#define OUT_READY m_axis_0_tready
+#define OUT_DATA m_axis_0_tdata
+#else
+#define OUT_VALID out0_V_TVALID
+#define OUT_READY out0_V_TREADY
+#define OUT_DATA out0_V_TDATA
+#endif
 
 typedef std::vector<uint32_t> words_t;
 
@@ -83,7 +96,13 @@ struct Bench {
   void quiet() {
     top->s_axilite_AWVALID = 0; top->s_axilite_WVALID = 0; top->s_axilite_BREADY = 0;
     top->s_axilite_ARVALID = 0; top->s_axilite_RREADY = 0;
-    top->in0_V_TVALID = 0; top->out0_V_TREADY = 0; top->in1_V_TVALID = 0;
+    top->OUT_READY = 0;
+#ifdef TB_MEMSTREAM
+    top->s_axilite_AWPROT = 0; top->s_axilite_ARPROT = 0;
+    top->s_axis_0_tvalid = 0; top->s_axis_0_tdata = 0; top->ap_clk2x = 0;
+#else
+    top->in0_V_TVALID = 0; top->in1_V_TVALID = 0;
+#endif
   }
   [[noreturn]] void timeout(const char* what) {
     std::printf("timeout %s after %llu cycles\n", what, static_cast<unsigned long long>(cycles));
@@ -132,23 +151,30 @@ struct Bench {
       if (r_fire) { quiet(); settle(); return data; }
     }
   }
-  void stream(const std::vector<words_t>& in) {
+  // Feed `in` (none for a memstream) and collect `n_out` output words.
+  void stream(const std::vector<words_t>& in, std::size_t n_out) {
     quiet();
     std::size_t sent = 0, got = 0;
     bool vld = false;
     uint64_t start = cycles, idle = 0;
-    while (got < in.size()) {
+    while (got < n_out) {
       if (idle > TIMEOUT) timeout("stream");
+#ifndef TB_MEMSTREAM
       if (!vld && sent < in.size() && roll() < p_valid) {
         vld = true;
         set_sig(top->in0_V_TDATA, in[sent]);
       }
       top->in0_V_TVALID = vld;
-      top->out0_V_TREADY = roll() < p_ready;
+#endif
+      top->OUT_READY = roll() < p_ready;
       settle();
+#ifndef TB_MEMSTREAM
       bool in_fire = vld && top->in0_V_TREADY;
-      bool out_fire = top->out0_V_TVALID && top->out0_V_TREADY;
-      if (out_fire) std::printf("O %s\n", hex_of(top->out0_V_TDATA).c_str());
+#else
+      bool in_fire = false;
+#endif
+      bool out_fire = top->OUT_VALID && top->OUT_READY;
+      if (out_fire) std::printf("O %s\n", hex_of(top->OUT_DATA).c_str());
       rise();
       if (in_fire) { vld = false; sent++; }
       if (out_fire) got++;
@@ -187,12 +213,18 @@ int main(int argc, char** argv) {
       std::string data = b.read(parse_hex(a), resp);
       std::printf("R %s %u\n", data.c_str(), resp);
     } else if (cmd == "stream") {
+#ifdef TB_MEMSTREAM
+      std::printf("error: a memstream has no input stream (use collect)\n"); return 3;
+#endif
       std::size_t n; is >> n;
       std::vector<words_t> in;
       in.reserve(n);
       for (std::size_t i = 0; i < n && std::getline(std::cin, line); i++) in.push_back(parse_hex(line));
       if (in.size() != n) { std::printf("error: stream expected %zu words\n", n); return 3; }
-      b.stream(in);
+      b.stream(in, n);
+    } else if (cmd == "collect") {
+      std::size_t n; is >> n;
+      b.stream({}, n);
     } else { std::printf("error: unknown command %s\n", cmd.c_str()); return 3; }
     std::fflush(stdout);
   }
