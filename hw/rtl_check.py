@@ -637,14 +637,21 @@ def lint_build(build_dir: str | Path, ancillary: bool = True, out: str | Path | 
     prepare()
     from qonnx.core.modelwrapper import ModelWrapper
 
+    import os
+
     build_dir = Path(build_dir)
     cfg = json.loads((build_dir / "build_config.json").read_text())
     model = ModelWrapper(str(codegen_model_path(build_dir)))
+    before = os.environ.get("FINN_BUILD_DIR")
     if ancillary:
         scratch = build_dir / "finn_tmp" / "rtl_check"
         shutil.rmtree(scratch, ignore_errors=True)
         use_finn_build_dir(scratch)
-    rep = lint_model(model, cfg["fpga_part"], cfg["synth_clk_period_ns"], ancillary=ancillary)
+    try:
+        rep = lint_model(model, cfg["fpga_part"], cfg["synth_clk_period_ns"], ancillary=ancillary)
+    finally:
+        if ancillary and before:  # leave finn-plus's scratch folder as it was
+            use_finn_build_dir(before)
     rep["build"] = str(build_dir)
     dst = Path(out) if out else build_dir / "report" / "rtl_lint.json"
     dst.parent.mkdir(parents=True, exist_ok=True)
