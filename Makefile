@@ -35,7 +35,7 @@ quick: install
 	  echo "quick_$$name done"; done
 	$(BIN)/fedfinn report $(foreach r,$(QUICK_ROWS),runs/quick_$(firstword $(subst :, ,$(r)))) --out results/quick
 
-test: install install-hw
+test: install install-hw install-rtl
 	FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 $(BIN)/python -m pytest -q
 
 bench: install
@@ -85,6 +85,28 @@ bitstream: $(HW_DEPS)
 	$(HW_PY) bitstream $(BUILD)
 
 .PHONY: install-hw hw hw-weights hw-emulate bitstream
+
+# --- RTL checks with open tools (hw/rtl_check.py, hw/rtl_sim.py; docs/rtl.md) ---
+#   make install-rtl                   Verilator + g++ + make from apt (Debian 12: Verilator 5.006)
+#   make rtl-lint BUILD=build/<NAME>   Verilator lint of every RTL module of a build -> <BUILD>/report/rtl_lint.json
+# install-rtl needs root for apt-get; without it, it says what to install and tests/test_rtl.py skips.
+RTL_APT := verilator g++ make
+install-rtl:
+	@if command -v verilator >/dev/null && command -v g++ >/dev/null && command -v make >/dev/null; then \
+	  verilator --version; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(RTL_APT) \
+	  && verilator --version; \
+	else \
+	  echo "install-rtl: Verilator not found and apt-get needs root here: sudo apt-get install $(RTL_APT)"; \
+	  echo "install-rtl: until then tests/test_rtl.py skips"; \
+	fi
+
+rtl-lint: $(HW_DEPS) install-rtl
+	@test -n "$(BUILD)" && test -d "$(BUILD)" || { echo "usage: make rtl-lint BUILD=build/<name> (a make hw build)"; exit 2; }
+	$(BIN)/python -m hw.rtl_check $(BUILD)
+
+.PHONY: install-rtl rtl-lint
 
 # The reduced-scale study of issue 2 (full real CIFAR-10, 10 clients, 4 per
 # round, 1 local epoch, 5 rounds): ~7 min per row on 2 cores; finished rows
