@@ -32,7 +32,10 @@ same for a model whose code was generated.
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -42,6 +45,22 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from export.finn_env import prepare, use_finn_build_dir
+
+prepare()
+from finn.util.settings import get_settings  # noqa: E402
+from finn.util.basic import getHWCustomOp  # noqa: E402
+from finn.util.fpgadataflow import is_hls_node, is_rtl_node  # noqa: E402
+from finn.transformation.fpgadataflow.insert_dwc import InsertDWC  # noqa: E402
+from finn.transformation.fpgadataflow.insert_fifo import InsertFIFO  # noqa: E402
+from finn.transformation.fpgadataflow.prepare_ip import PrepareIP  # noqa: E402
+from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers  # noqa: E402
+from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
+from qonnx.custom_op.registry import getCustomOp  # noqa: E402
+from qonnx.transformation.general import GiveUniqueNodeNames  # noqa: E402
+
+from .build import find_intermediate  # noqa: E402
 
 INSTALL_HINT = "`make install-rtl` installs it (Debian/Ubuntu: apt-get install verilator g++ make)"
 
@@ -66,8 +85,6 @@ def verilator_version(exe: str | None = None) -> str | None:
 
 def finn_rtllib() -> Path:
     """finn-plus's own copy of finn-rtllib (what its builds reference)."""
-    from finn.util.settings import get_settings
-
     return Path(get_settings().finn_rtllib).resolve()
 
 
@@ -273,9 +290,6 @@ def units_of(model) -> list[RtlUnit]:
     """The RTL units of a model whose code was generated (after ``step_hw_codegen``):
     one per RTL layer and one per memstream of a decoupled HLS layer, plus one
     simulation-view unit per kind that lists simulation-only sources."""
-    from finn.util.basic import getHWCustomOp
-    from finn.util.fpgadataflow import is_hls_node, is_rtl_node
-
     rtllib = finn_rtllib()
     out: list[RtlUnit] = []
     sim_kinds: set[str] = set()
@@ -331,15 +345,6 @@ def ancillary_layers(model, fpgapart: str, clk_ns: float) -> tuple:
     generated. PrepareIP only generates code for layers without it: the build's
     own layers keep their code_gen_dir_ipgen and files. Returns (model, {layer:
     variant label})."""
-    import copy
-
-    from finn.transformation.fpgadataflow.insert_dwc import InsertDWC
-    from finn.transformation.fpgadataflow.insert_fifo import InsertFIFO
-    from finn.transformation.fpgadataflow.prepare_ip import PrepareIP
-    from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers
-    from qonnx.core.modelwrapper import ModelWrapper
-    from qonnx.custom_op.registry import getCustomOp
-    from qonnx.transformation.general import GiveUniqueNodeNames
 
     m = ModelWrapper(copy.deepcopy(model.model))
     m = m.transform(InsertDWC())
@@ -517,8 +522,6 @@ def _relint(exe: str, unit: RtlUnit, hits: list[KnownFailure], max_errors: int, 
 def _config_key(unit: RtlUnit) -> str:
     """Units whose sources are the same text up to the layer's names and folder
     (e.g. FIFOs of equal width and depth) lint the same: one lint serves them all."""
-    import hashlib
-
     h = hashlib.sha256(f"{unit.view} {unit.variant} {unit.defines}".encode())
     for f in unit.files:
         text = Path(f).read_text(errors="replace")
@@ -624,21 +627,12 @@ def format_report(rep: dict) -> str:
 
 def codegen_model_path(build_dir: str | Path) -> Path:
     """The model ``step_hw_codegen`` left in a build folder (its layers name their generated code)."""
-    from hw.build import find_intermediate
-
     return find_intermediate(build_dir, "step_hw_codegen")
 
 
 def lint_build(build_dir: str | Path, ancillary: bool = True, out: str | Path | None = None) -> dict:
     """Lint a ``make hw`` build folder; writes ``report/rtl_lint.json`` there (or ``out``).
     The DWCs/FIFOs' generated code goes to ``finn_tmp/rtl_check`` (made afresh)."""
-    from hw.finn_env import prepare, use_finn_build_dir
-
-    prepare()
-    from qonnx.core.modelwrapper import ModelWrapper
-
-    import os
-
     build_dir = Path(build_dir)
     cfg = json.loads((build_dir / "build_config.json").read_text())
     model = ModelWrapper(str(codegen_model_path(build_dir)))

@@ -42,7 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hw.rtl_check import INSTALL_HINT, RtlUnit, verilator_version
+from finn.custom_op.fpgadataflow.thresholding import Thresholding
+from qonnx.core.datatype import DataType
+from qonnx.custom_op.registry import getCustomOp
+
+from .rtl_check import INSTALL_HINT, RtlUnit, verilator_version
 
 TB_CPP = Path(__file__).resolve().parent / "rtl" / "axi_layer_tb.cpp"
 #: Verilator options of the simulation model (see the module docstring).
@@ -149,9 +153,6 @@ class ThresholdingRTL:
     """A ``Thresholding_rtl`` node of a model whose code was generated."""
 
     def __init__(self, model, node_name: str):
-        from qonnx.core.datatype import DataType
-        from qonnx.custom_op.registry import getCustomOp
-
         self.model = model
         self.node = model.get_node_from_name(node_name)
         if self.node is None or not self.node.op_type.startswith("Thresholding_rtl"):
@@ -207,8 +208,6 @@ class ThresholdingRTL:
     # -- FINN's execution ------------------------------------------------------
     def reference(self, x: np.ndarray, thresholds: np.ndarray | None = None) -> np.ndarray:
         """FINN's Python execution of this layer on ``x`` with ``thresholds`` (default: compiled-in)."""
-        from finn.custom_op.fpgadataflow.thresholding import Thresholding
-
         t = self.thresholds if thresholds is None else thresholds
         ctx = {self.node.input[0]: np.asarray(x, dtype=np.float32), self.node.input[1]: np.asarray(t)}
         Thresholding.execute_node(self.inst, ctx, self.model.graph)  # what Thresholding_rtl runs in cppsim
@@ -247,8 +246,6 @@ class MemstreamRTL:
     with the one statement rewritten, which is what this class is used with."""
 
     def __init__(self, model, node_name: str, wrapper: str | Path):
-        from qonnx.custom_op.registry import getCustomOp
-
         self.node = model.get_node_from_name(node_name)
         self.inst = getCustomOp(self.node)
         text = Path(wrapper).read_text()

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw.finn_env import finn_available
-from hw.rtl_check import INSTALL_HINT, verilator_version
+from export.finn_env import finn_missing
 
-_ok, _why = finn_available()
-if not _ok:
-    pytest.skip(f"finn-plus is not importable ({_why}); `make install-hw` installs it", allow_module_level=True)
+if finn_missing() is not None:
+    pytest.skip(finn_missing(), allow_module_level=True)
+
+from hw.rtl_check import INSTALL_HINT, verilator_version  # noqa: E402
 VERILATOR = verilator_version()
 if VERILATOR is None:
     pytest.skip(f"Verilator is not installed: the RTL checks need it; {INSTALL_HINT}", allow_module_level=True)
@@ -65,9 +65,11 @@ def build_two_rounds(tmp: Path) -> dict:
     from hw.build import HW_STEPS, find_intermediate, make_config, run_steps
     from hw.packing import fast_packing
     from hw.weights import update_weights
+    from training.data import dataset_stats
 
     r0, r1 = _export(tmp / "round_000.onnx", 0), _export(tmp / "round_001.onnx", 1)
-    cfg = make_config(r0, board="Pynq-Z2", output_dir=tmp / "build", name="cnv-w2a2")
+    mean, std = dataset_stats("cifar10")
+    cfg = make_config(r0, board="Pynq-Z2", output_dir=tmp / "build", name="cnv-w2a2", mean=list(mean), std=list(std))
     cfg.steps = [s for s in HW_STEPS if s != "step_report"]
     t0 = time.time()
     with fast_packing():
