@@ -29,7 +29,7 @@
 #      `pip check`: any version conflict stops the install;
 #   4. self-test: get_driver_class("FINNDMAOverlay") - the class serve --deploy
 #      constructs - and pynq.lib (what pynq's Overlay imports) must load; the
-#      agent must import and serve (synthetic backend, 3 s); with --check or
+#      agent must import and serve (synthetic backend); with --check or
 #      --service, the deployment must open and run one image;
 #   5. with --service: writes a token file and a systemd unit
 #      fedfinn-board.service that runs
@@ -105,8 +105,8 @@ if [ "$PIP" = 1 ]; then
 fi
 # Versions that must agree (onnx and qonnx's pin, protobuf and pynq's grpcio-tools, ...): pip's own
 # check. What the driver and qonnx declare but step 3 leaves out on purpose shows as "not installed".
-CHECK="$("$PY" -m pip check 2>&1 || true)"
-CONFLICTS="$(printf '%s\n' "$CHECK" | grep -v -e 'which is not installed' -e '^No broken requirements' -e '^$' || true)"
+CHECK="$("$PY" -m pip check 2>/dev/null || true)"
+CONFLICTS="$(printf '%s\n' "$CHECK" | grep ' has requirement ' || true)"
 [ -z "$CONFLICTS" ] || die "conflicting versions in this environment:
 $CONFLICTS"
 LEFT_OUT="$(printf '%s\n' "$CHECK" | sed -n 's/.* requires \([^,]*\), which is not installed.*/\1/p' | sort -u | tr '\n' ' ')"
@@ -136,14 +136,17 @@ cd "$HERE"
 import subprocess, sys, time, os, tempfile
 pf = os.path.join(tempfile.mkdtemp(), "port")
 p = subprocess.Popen([sys.executable, "-m", "client_pynq", "serve", "--synthetic", "--port", "0",
-                      "--port-file", pf, "--exit-after-idle", "3", "--quiet"])
+                      "--port-file", pf, "--exit-after-idle", "30", "--quiet"])
 t0 = time.time()
 while not os.path.exists(pf) and time.time() - t0 < 30 and p.poll() is None:
     time.sleep(0.1)
 from client_pynq.host import BoardClient
-with BoardClient("127.0.0.1", int(open(pf).read()), timeout=10) as c:
-    print("[fedfinn-board] agent self-test: protocol", c.hello()["protocol"])
-p.wait(20)
+try:
+    with BoardClient("127.0.0.1", int(open(pf).read()), timeout=10) as c:
+        print("[fedfinn-board] agent self-test: protocol", c.hello()["protocol"])
+finally:
+    p.terminate()
+    p.wait(20)
 EOF
 
 # ... and, asked for, the deployment opens: what serve --deploy does first
