@@ -112,8 +112,12 @@ def board_venv():
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait and reuse
         if stamp.exists():
             info = json.loads(stamp.read_text())
+            stamp.touch()  # last used
             print(f"\nboard venv: cached {venv} (built in {info['seconds_total']} s)")
             return venv
+        for old in root.glob("*/fedfinn-board-env.json"):  # venvs of other pins, unused for two weeks
+            if time.time() - old.stat().st_mtime > 14 * 86400:
+                shutil.rmtree(old.parent, ignore_errors=True)
         if venv.exists():
             shutil.rmtree(venv)  # a build that did not finish
         t0 = time.time()
@@ -334,6 +338,17 @@ def test_install_sh_self_test_fails_loudly_when_the_driver_import_path_breaks(bo
     assert "FINNDMAOverlay does not load" in p.stderr and "matplotlib blocked by the test" in p.stderr, p.stderr
     assert "agent self-test" not in p.stdout  # it stopped there
     print("\ninstall.sh without matplotlib: exit", p.returncode, "-", p.stderr.strip().splitlines()[-1])
+
+
+def test_install_sh_check_opens_the_deployment(board_venv, deployment):
+    """install.sh --check DEPLOY (what --service runs before enabling the agent): BoardBackend opens
+    the deployment on the (fake) board and runs one image."""
+    p = _run(["bash", CLIENT / "install.sh", "--no-pip", "--python", board_venv / "bin" / "python",
+              "--check", deployment["dir"]], env=board_env(board_venv, fake="1"), cwd=REPO, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
+    line = next(ln for ln in p.stdout.splitlines() if "deployment OK" in ln)
+    assert f"{len(deployment['built'])} runtime-weight files written" in line and f"fclk {HWH_CLK} MHz" in line
+    print("\n" + line)
 
 
 # ----------------------------------------------------------------------------- BoardBackend on the real driver

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pynq  # noqa: F401  (sitecustomize.py puts the fake board in place as pynq loads)
 
 import fake_zynq
 from client_pynq.backends import BackendError, BoardBackend
 
 deploy, round_dir, out = (Path(a) for a in sys.argv[1:4])
 batch = int(sys.argv[4])
-board = fake_zynq.board()
+board = fake_zynq.board()  # raises unless the fake board is pynq's device: never a real one
 res = {}
 t0 = time.time()
 b = BoardBackend(deploy, batch=batch, state_dir=str(out / "state"), power=False)
