@@ -178,7 +178,6 @@ class FakeZynqBoard(Device):
         self.buffers: dict[int, Buffer] = {}
         self._next_addr = DDR_BASE
         self.hw = None
-        self.faults: dict[tuple[str, int], int] = {}
 
     # --- the log
     def event(self, kind, **kw):
