@@ -293,7 +293,10 @@ class BoardBackend(Backend):
         try:
             self.accel.load_runtime_weights(flush_accel=True, verify=True)
         except Exception as err:
-            raise BackendError("backend_error", f"load_runtime_weights failed: {err}", partial=True) from err
+            # finn-plus-driver 1.6.1's read-back check is a bare `assert`: say what it means
+            why = str(err) or ("a weight word read back over AXI-lite differs from the one written"
+                               if isinstance(err, AssertionError) else type(err).__name__)
+            raise BackendError("backend_error", f"load_runtime_weights failed: {why}", partial=True) from err
         for old in self.state_dir.glob("rw-*"):
             if old != stage:
                 shutil.rmtree(old, ignore_errors=True)
