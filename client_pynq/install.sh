@@ -105,7 +105,8 @@ if [ "$PIP" = 1 ]; then
 fi
 # Versions that must agree (onnx and qonnx's pin, protobuf and pynq's grpcio-tools, ...): pip's own
 # check. What the driver and qonnx declare but step 3 leaves out on purpose shows as "not installed".
-CHECK="$("$PY" -m pip check 2>/dev/null || true)"
+# (from /: `python -m` puts the current folder on sys.path, and a checkout's *.egg-info there is not this env's)
+CHECK="$(cd / && "$PY" -m pip check 2>/dev/null || true)"
 CONFLICTS="$(printf '%s\n' "$CHECK" | grep ' has requirement ' || true)"
 [ -z "$CONFLICTS" ] || die "conflicting versions in this environment:
 $CONFLICTS"
@@ -140,10 +141,13 @@ p = subprocess.Popen([sys.executable, "-m", "client_pynq", "serve", "--synthetic
 t0 = time.time()
 while not os.path.exists(pf) and time.time() - t0 < 30 and p.poll() is None:
     time.sleep(0.1)
-from client_pynq.host import BoardClient
-try:
-    with BoardClient("127.0.0.1", int(open(pf).read()), timeout=10) as c:
-        print("[fedfinn-board] agent self-test: protocol", c.hello()["protocol"])
+import socket
+from client_pynq import protocol as P
+try:  # a HELLO over the agent's own protocol (the host's client is not on a board)
+    with socket.create_connection(("127.0.0.1", int(open(pf).read())), timeout=10) as s:
+        P.send_message(s, P.HELLO, {"client": "install.sh"}, request_id=1)
+        reply = P.read_message(s, P.Limits(), reply=True)
+        print("[fedfinn-board] agent self-test: protocol", reply.meta["protocol"])
 finally:
     p.terminate()
     p.wait(20)

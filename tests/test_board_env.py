@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,19 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CLIENT = REPO / "client_pynq"
+SOURCE = REPO / "client_pynq"
+
+
+def _board_copy() -> Path:
+    """What a board gets: a folder holding only ``client_pynq/`` (a checkout's root also holds the host's
+    packages and their *.egg-info, which a board never sees)."""
+    root = Path(tempfile.mkdtemp(prefix="fedfinn-board-tree-"))
+    shutil.copytree(SOURCE, root / "client_pynq", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+BOARD_ROOT = _board_copy()
+CLIENT = BOARD_ROOT / "client_pynq"
 SIM = Path(__file__).resolve().parent / "board_sim"
 PIN_FILES = [CLIENT / "requirements-image.txt", CLIENT / "requirements-board.txt",
              CLIENT / "requirements-board-plot.txt", CLIENT / "install.sh"]
@@ -88,7 +101,7 @@ def board_env(venv: Path, fake: str | None = None, extra_path: list[Path] = ()) 
     if fake:
         path.append(str(SIM))
         env["FEDFINN_FAKE_ZYNQ"] = fake
-    env["PYTHONPATH"] = os.pathsep.join(path + [str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join(path + [str(BOARD_ROOT)])
     return env
 
 
@@ -130,7 +143,7 @@ def board_venv():
         assert p.returncode == 0, f"the PYNQ image stand-in does not install:\n{p.stdout[-2000:]}{p.stderr[-3000:]}"
         t2 = time.time()
         # the board's own install: the same script, the same files
-        p = _run(["bash", CLIENT / "install.sh", "--python", vpy], log, env=board_env(venv), cwd=REPO)
+        p = _run(["bash", CLIENT / "install.sh", "--python", vpy], log, env=board_env(venv), cwd=BOARD_ROOT)
         assert p.returncode == 0, f"install.sh failed on the image stand-in:\n{p.stderr[-3000:]}\n{p.stdout[-2000:]}"
         t3 = time.time()
         info = {"python": version, "seconds_venv": round(t1 - t0, 1), "seconds_image": round(t2 - t1, 1),
@@ -153,11 +166,10 @@ def real_build(tmp: Path) -> dict:
     folded model + PYNQ driver step, ~20 s; then ``hw weights``, ~10 s). Also reads the build's
     driver partitions (``intermediate/driver_partitions/driver_parent.onnx``, written by
     hw.build.make_driver_files) for the instance names a bitfile of this build would have."""
-    from hw.finn_env import finn_available
+    from export.finn_env import finn_missing
 
-    ok, why = finn_available()
-    if not ok:
-        pytest.skip(f"finn-plus not importable: {why}")
+    if finn_missing() is not None:
+        pytest.skip(finn_missing())
     import torch
 
     from export import to_qonnx
@@ -165,12 +177,15 @@ def real_build(tmp: Path) -> dict:
     from hw.packing import fast_packing
     from hw.weights import update_weights
     from training.config import load_config
+    from training.data import dataset_stats
     from training.task import make_model
 
     cfg = load_config(None, ["model.name=\"cnv-w1a1\"", f"run.out_dir=\"{tmp}\"", "run.name=\"board\""])
     to_qonnx(make_model(cfg, seed=0), tmp / "round_000.onnx")
     t0 = time.time()
-    bcfg = make_config(tmp / "round_000.onnx", board="Pynq-Z2", output_dir=tmp / "build", name="round_000")
+    mean, std = dataset_stats("cifar10")
+    bcfg = make_config(tmp / "round_000.onnx", board="Pynq-Z2", output_dir=tmp / "build", name="round_000",
+                       mean=list(mean), std=list(std))
     bcfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1] + ["step_pynq_driver"]
     with fast_packing():
         run_steps(bcfg, echo=None)
@@ -309,7 +324,7 @@ def test_board_venv_is_exactly_the_pins_and_install_sh_self_test_passes(board_ve
 
     t0 = time.time()
     p = _run(["bash", CLIENT / "install.sh", "--no-pip", "--python", board_venv / "bin" / "python"],
-             env=board_env(board_venv), cwd=REPO, timeout=180)
+             env=board_env(board_venv), cwd=BOARD_ROOT, timeout=180)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert "driver class finn_plus_driver.overlays.dma.FINNDMAOverlay loads" in out, out
@@ -332,7 +347,7 @@ def test_install_sh_self_test_fails_loudly_when_the_driver_import_path_breaks(bo
         "            raise ImportError('matplotlib blocked by the test')\n"
         "sys.meta_path.insert(0, _NoMatplotlib())\n")
     p = _run(["bash", CLIENT / "install.sh", "--no-pip", "--python", board_venv / "bin" / "python"],
-             env=board_env(board_venv, extra_path=[block]), cwd=REPO, timeout=180)
+             env=board_env(board_venv, extra_path=[block]), cwd=BOARD_ROOT, timeout=180)
     assert p.returncode != 0
     assert "FINNDMAOverlay does not load" in p.stderr and "matplotlib blocked by the test" in p.stderr, p.stderr
     assert "agent self-test" not in p.stdout  # it stopped there
@@ -343,7 +358,7 @@ def test_install_sh_check_opens_the_deployment(board_venv, deployment):
     """install.sh --check DEPLOY (what --service runs before enabling the agent): BoardBackend opens
     the deployment on the (fake) board and runs one image."""
     p = _run(["bash", CLIENT / "install.sh", "--no-pip", "--python", board_venv / "bin" / "python",
-              "--check", deployment["dir"]], env=board_env(board_venv, fake="1"), cwd=REPO, timeout=180)
+              "--check", deployment["dir"]], env=board_env(board_venv, fake="1"), cwd=BOARD_ROOT, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-2000:]
     line = next(ln for ln in p.stdout.splitlines() if "deployment OK" in ln)
     assert f"{len(deployment['built'])} runtime-weight files written" in line and f"fclk {HWH_CLK} MHz" in line
@@ -453,7 +468,7 @@ def test_board_backend_runs_the_real_driver_on_a_real_build(board_venv, deployme
 def test_serve_deploy_in_the_board_venv(board_venv, deployment, tmp_path):
     """`python -m client_pynq serve --deploy` (the board agent) in the board venv, driven from here
     over TCP: hello, test set, the round's weights, evaluation through the driver."""
-    from client_pynq.host import BoardClient
+    from fedfinn.boards import BoardClient
 
     dep = deployment
     pf, rec, logf = tmp_path / "port", tmp_path / "hw", tmp_path / "agent.log"
@@ -475,7 +490,7 @@ def test_serve_deploy_in_the_board_venv(board_venv, deployment, tmp_path):
         with BoardClient("127.0.0.1", int(pf.read_text()), token="board-env-test", timeout=60) as c:
             hello = c.hello()
             c.upload_testset(x, y)
-            c.set_weights(dep["round"], round=1)
+            c.set_weights(dep["round"], server_round=1)
             r = c.evaluate(batch_size=50)
     finally:
         proc.terminate()
