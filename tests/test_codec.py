@@ -25,6 +25,7 @@ from training.codec import (
     decode,
     decode_values,
     encode,
+    max_body_bytes,
     mib,
 )
 
@@ -369,13 +370,52 @@ def test_max_bytes_is_checked_before_decompressing():
         tracemalloc.stop()
     assert peak < 2**20
     assert decode(blob, max_bytes=9 * 2**20)["z"].shape == (2048, 1024)
-    # Entry budget: 8 * max_bytes entries in all, whatever the payload holds.
+    # Entry budget without expected shapes: max_entries in all, whatever the payload holds.
     sparse = {"s": np.zeros(3_000_000, F32)}
     sparse["s"][5] = 1.0
     blob = encode(sparse)
     with pytest.raises(CodecError, match="size limit"):
-        decode(blob, max_bytes=2**18)
-    assert decode(blob, max_bytes=2**19)["s"][5] == 1.0
+        decode(blob, max_entries=2_000_000)
+    assert decode(blob, max_entries=3_000_000)["s"][5] == 1.0
+    # with expected shapes the budget is exactly their entries
+    with pytest.raises(CodecError, match="shape"):
+        decode(blob, expected={"s": (2_000_000,)})
+
+
+def test_a_tiny_message_cannot_make_the_decoder_allocate_gigabytes():
+    """A 60-byte sparse record claiming 2^31 entries (8 GiB of float32 zeros) with nothing kept: refused by the
+    default entry budget before anything is allocated (it used to be 8 * max_bytes = 2^31 entries)."""
+    bomb = frame(body(record(name=b"s", kind=1, dims=(1 << 16, 1 << 15), positions=positions(1, 0, b""))))
+    assert len(bomb) < 80
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="size limit"):
+            decode(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+
+
+def test_a_model_decoder_refuses_bodies_larger_than_the_model():
+    """decode_for (what the server does with every reply) caps the body at what an honest message of that
+    model can be: an 8 KB zstd bomb inflating to 40 MB is refused before it inflates."""
+    from training.compress import decode_for, expected_shapes
+    from training.models import build_model
+
+    model = build_model("resnet12", 10, 32)
+    limit = max_body_bytes(expected_shapes(model))
+    assert 3_100_000 < limit < 4_200_000  # 780,266 float32 entries + headers
+    bomb = encode({"z": np.full(10_000_000, F32(1.0))})  # dense: a 40 MB body, compressed to a few KB
+    assert len(bomb) < 8192
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match="exceeds"):
+            decode_for(model, bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
 
 
 def test_codec_choice_raw_when_zstd_does_not_help():

@@ -25,6 +25,7 @@ import argparse
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -36,13 +37,34 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 DEFAULT_DIR = "build/certs"
 
 
+FOLDER_MODE = 0o755  # what others may see: certificates and public keys; private keys are 0600 inside
+
+
+def _folder(path: Path) -> None:
+    """The certificate folder, created with an explicit mode (the umask does not decide it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o022:
+        path.chmod(FOLDER_MODE)
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    """Write ``path`` atomically with mode 0600 (private) or 0644, whatever the umask or a file left there.
+
+    The data go into a fresh temporary file (``O_EXCL``: a file or link already at that name is never
+    written through; ``O_NOFOLLOW``: no link is followed), whose mode is set explicitly before the rename.
+    """
+    _folder(path.parent)
+    mode = 0o600 if private else 0o644
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -182,6 +182,15 @@ _MAX_NUMEL = 1 << 62
 _FLOAT_BITS = 32
 _TRIAL_LEVEL = 3  # candidate layouts are compared at this zstd level at most
 _UNPACK_CHUNK = 1 << 16  # groups of 8 codes per step: bounds decode temporaries
+DEFAULT_MAX_ENTRIES = 1 << 24  # decoded entries allowed without expected shapes (64 MiB of float32)
+
+
+def max_body_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest body an honest encoder writes for tensors of these shapes: every layout costs at most
+    ~4.2 bytes per entry (sparse float32: 4-byte values + a bitmap bit) plus each record's header; a
+    decoder fed exactly these shapes refuses anything larger before inflating it."""
+    entries = sum(math.prod(s) for s in shapes.values())
+    return 5 * entries + 512 * len(shapes) + 4096
 
 
 class CodecError(ValueError):
@@ -547,12 +556,15 @@ def decode(
     blob: bytes,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     max_bytes: int = 256 * 2**20,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> dict[str, np.ndarray | QTensor]:
     """Parse and validate a message; raise CodecError on anything malformed.
 
-    ``expected`` (name -> shape) pins the exact set of names and shapes.
-    ``max_bytes`` caps the uncompressed body, and 8 * max_bytes caps the
-    total number of decoded entries.
+    ``expected`` (name -> shape) pins the exact set of names and shapes, and
+    so the number of decoded entries. ``max_bytes`` caps the uncompressed
+    body; without ``expected``, ``max_entries`` caps the total number of
+    decoded entries (a sparse record can describe a large tensor in a few
+    bytes, so the body size alone does not bound what decoding allocates).
     """
     body = _unframe(blob, max_bytes)
     reader = _Reader(body)
@@ -560,7 +572,8 @@ def decode(
     if expected is not None:
         # No early count check: the name checks below say which tensor is off.
         expected = {k: tuple(int(d) for d in v) for k, v in expected.items()}
-    budget = [8 * max_bytes]  # entries still allowed, shared by all records
+        max_entries = sum(math.prod(s) for s in expected.values())
+    budget = [max_entries]  # entries still allowed, shared by all records
     out: dict[str, np.ndarray | QTensor] = {}
     for _ in range(count):
         name, value = _decode_tensor(reader, out, expected, budget)
@@ -577,9 +590,10 @@ def decode_values(
     blob: bytes,
     expected: Mapping[str, tuple[int, ...]] | None = None,
     max_bytes: int = 256 * 2**20,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> dict[str, np.ndarray]:
     """decode(), with every QTensor dequantized to float32."""
-    decoded = decode(blob, expected=expected, max_bytes=max_bytes)
+    decoded = decode(blob, expected=expected, max_bytes=max_bytes, max_entries=max_entries)
     return {
         name: v.dequantize() if isinstance(v, QTensor) else v for name, v in decoded.items()
     }

@@ -75,7 +75,8 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def decode_for(model: nn.Module, blob: bytes) -> dict[str, np.ndarray]:
     """Decode a message that must fit ``model`` exactly (names and shapes)."""
-    values = codec.decode_values(blob, expected=expected_shapes(model))
+    shapes = expected_shapes(model)
+    values = codec.decode_values(blob, expected=shapes, max_bytes=codec.max_body_bytes(shapes))
     for name, value in values.items():
         if not np.isfinite(value).all():
             raise codec.CodecError(f"tensor {name!r} holds NaN or Inf")

@@ -10,6 +10,7 @@ and invalid values stop the run with a ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import copy
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import tomli_w
 
+from .aggregation import RULES
 from .models import check_model_name
 from .models.quant import SUPPORTED_WEIGHT_BITS
 
@@ -48,6 +50,9 @@ class FederationConfig:
     threads_per_client: int = 1  # torch threads per client (parallel and ray backends)
     parallel_clients: int = 0  # parallel and ray backends: clients trained at once (0 = cores / threads)
     round_timeout: float = 0.0  # seconds to wait for replies per round (0 = wait for all)
+    aggregation: str = "mean"  # mean (FedAvg) | median (FedMedian) | trimmed_mean (FedTrimmedAvg): training.aggregation
+    trim_fraction: float = 0.25  # trimmed_mean: share cut at each end (int(share * replies) per side)
+    max_update_norm: float = 0.0  # reject replies whose update has a larger L2 norm (0 = no bound)
 
 
 @dataclass
@@ -205,6 +210,10 @@ def validate(cfg: RunConfig) -> None:
     _check(f.threads_per_client >= 1, "federation.threads_per_client", "must be >= 1")
     _check(f.parallel_clients >= 0, "federation.parallel_clients", "must be >= 0")
     _check(f.round_timeout >= 0, "federation.round_timeout", "must be >= 0 (0 = no timeout)")
+    _check(f.aggregation in RULES, "federation.aggregation", f"must be one of {', '.join(RULES)}, got {f.aggregation!r}")
+    _check(0 <= f.trim_fraction < 0.5, "federation.trim_fraction", f"must be in [0, 0.5), got {f.trim_fraction}")
+    _check(f.max_update_norm >= 0 and math.isfinite(f.max_update_norm), "federation.max_update_norm",
+           "must be a finite number >= 0 (0 = no bound)")
     _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     _check(t.lr > 0, "train.lr", "must be > 0")
     _check(t.batch_size >= 1, "train.batch_size", "must be >= 1")

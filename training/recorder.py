@@ -80,6 +80,7 @@ def round_record(stats, accuracy: float, loss: float) -> dict:
         "mib_up_mean": mib(sum(up) / len(up)) if up else None,
         "mib_down": mib(stats.bytes_down),
         "sparsity": stats.sparsity,
+        "notes": getattr(stats, "notes", []),
         "seconds": {k: round(v, 4) for k, v in stats.times.items()},
     })
 

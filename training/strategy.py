@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from . import codec, updates
+from .aggregation import AggregateError, aggregate, to_float32, update_norm
 from .compress import decode_for, expected_shapes, load_values, model_to_message, travelling_values
 from .config import RunConfig, sampled_per_round
 from .pruning import prune_
@@ -44,6 +45,7 @@ from .task import client_weight_bits, make_model, pack, unpack
 log = logging.getLogger("fedfinn.server")
 
 MAX_EXAMPLES = 10_000_000  # a reply claiming more examples than this is refused
+REQUIRED_METRICS = ("train-loss", "train-accuracy", "train-seconds", "encode-seconds", "decode-seconds")
 VIEW_PREFIX = "server.view."  # state_arrays key of the server's copy of a node's model
 
 
@@ -64,6 +66,7 @@ class RoundStats:
     train_accuracy: float = math.nan
     sparsity: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # round-level events (an aggregate that could not travel)
 
 
 class CompressedFedAvg(FedAvg):
@@ -85,6 +88,7 @@ class CompressedFedAvg(FedAvg):
         self.delta = cfg.compression.update == "delta"
         self.views: dict[int, updates.Values] = {}  # update mode: node id -> the global-model copy it holds
         self.init_values = travelling_values(self.server_model) if self.delta else {}
+        self._received_cache: tuple[bytes, dict] | None = None
 
     # --- downlink ---------------------------------------------------------------
     def downlink_message(self, model: torch.nn.Module) -> bytes:
@@ -178,13 +182,28 @@ class CompressedFedAvg(FedAvg):
             if bits != client_weight_bits(self.cfg, pid):
                 raise ValueError(f"client {pid} sent {bits!r}-bit weights, configured "
                                  f"{client_weight_bits(self.cfg, pid)}")
+        for key in REQUIRED_METRICS:
+            v = metrics.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"bad metric {key} = {v!r}")
         blob = unpack(content.array_records["arrays"])
         try:
             values = decode_for(self.template, blob)
         except codec.CodecError as err:
             raise ValueError(f"malformed message: {err}") from None
         metrics["bytes-up"] = len(blob)  # measured here, not trusted from the client
+        f = self.cfg.federation
+        if f.max_update_norm:
+            norm = update_norm(values, None if self.delta else self._received())
+            if not norm <= f.max_update_norm:
+                raise ValueError(f"update norm {norm:.4g} exceeds federation.max_update_norm {f.max_update_norm:g}")
         return values, metrics
+
+    def _received(self) -> dict[str, np.ndarray]:
+        """The global model as the clients received it this round (decoded downlink), for update norms."""
+        if self._received_cache is None or self._received_cache[0] is not self.last_down:
+            self._received_cache = (self.last_down, decode_for(self.template, self.last_down))
+        return self._received_cache[1]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.current or RoundStats(server_round)
@@ -207,10 +226,19 @@ class CompressedFedAvg(FedAvg):
             return None, None
 
         t1 = time.perf_counter()
-        averaged = weighted_average([v for v, _ in accepted], [m["num-examples"] for _, m in accepted])
-        if self.delta:  # the replies are changes: the global model moves by their weighted mean
-            averaged = updates.add(travelling_values(self.server_model), averaged)
-        load_values(self.server_model, averaged)
+        f = self.cfg.federation
+        combined = aggregate([v for v, _ in accepted], [m["num-examples"] for _, m in accepted], f.aggregation,
+                             f.trim_fraction)
+        try:
+            new_model = to_float32(combined)
+            if self.delta:  # the replies are changes: the global model moves by their aggregate (float32, as
+                # both ends of every link compute it)
+                new_model = to_float32(updates.add(travelling_values(self.server_model), new_model))
+        except AggregateError as err:  # finite replies whose aggregate cannot travel: keep the model
+            log.warning("round %d: %s; the global model stays as it was", server_round, err)
+            stats.notes.append(f"aggregate rejected: {err}")
+            return None, None
+        load_values(self.server_model, new_model)
         stats.times["aggregate"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         down = self.downlink_message(self.server_model)
@@ -232,10 +260,5 @@ class CompressedFedAvg(FedAvg):
 
 
 def weighted_average(values: list[dict[str, np.ndarray]], weights: list[int]) -> dict[str, np.ndarray]:
-    """FedAvg: the example-weighted mean of every tensor (accumulated in float64)."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    return {
-        name: sum(wi * v[name].astype(np.float64) for wi, v in zip(w, values)).astype(np.float32)
-        for name in values[0]
-    }
+    """FedAvg: the example-weighted mean of every tensor (accumulated in float64), as float32."""
+    return to_float32(aggregate(values, weights, "mean"))

@@ -121,4 +121,4 @@ def values_to_blob(values: Values) -> bytes:
 
 def blob_to_values(blob: bytes, expected: dict[str, tuple[int, ...]]) -> Values:
     return {k: np.asarray(v, dtype=np.float32).reshape(expected[k])
-            for k, v in codec.decode_values(blob, expected=expected).items()}
+            for k, v in codec.decode_values(blob, expected=expected, max_bytes=codec.max_body_bytes(expected)).items()}
