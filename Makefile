@@ -108,7 +108,7 @@ rtl-lint: $(HW_DEPS) install-rtl
 
 .PHONY: install-rtl rtl-lint
 
-# The reduced-scale study of issue 2 (full real CIFAR-10, 10 clients, 4 per
+# The reduced-scale rows of the poster (full real CIFAR-10, 10 clients, 4 per
 # round, 1 local epoch, 5 rounds): ~7 min per row on 2 cores; finished rows
 # are skipped, so it can be stopped and restarted.
 REDUCED_ROWS ?= baseline q8bit q4bit q1bit prune50 prune90
@@ -116,7 +116,7 @@ reduced: install
 	for row in $(REDUCED_ROWS); do $(BIN)/fedfinn run configs/reduced/$$row.toml --skip-done --quiet || exit 1; done
 	$(BIN)/fedfinn report $(addprefix runs/reduced_,$(REDUCED_ROWS)) --out results/reduced
 
-# --- the study (issue 7) ---
+# --- the study: the poster's table measured, and beyond it ---
 # study-small: every row of the poster's CIFAR-10 table, plus pruning+quantization and heterogeneous
 # clients, at a scale that runs in < 2 h on 2 cores (configs/study/small/: 1,000 images per client,
 # 15 rounds, 5,000 test images). One command per configuration (each skipped when finished, resumed
@@ -127,7 +127,7 @@ STUDY_PAPER_DIRS ?= cifar10_e1 cifar10_e10
 study-small: install
 	for row in $(STUDY_SMALL); do $(BIN)/fedfinn run configs/study/small/$$row.toml --continue --quiet || exit 1; done
 	$(BIN)/fedfinn study $(addprefix runs/study_small_,$(STUDY_SMALL)) --out results/study-small \
-	  --title "study-small (issue 7)"
+	  --title "study-small"
 
 study-paper: install
 	for d in $(STUDY_PAPER_DIRS); do for f in configs/paper/$$d/*.toml configs/paper/$${d}_beyond/*.toml; do \
@@ -149,7 +149,7 @@ study-medium-report: install
 
 .PHONY: study-small study-paper study-medium study-medium-report
 
-# --- deployment (issue 3) ---
+# --- deployment: a Flower SuperLink + SuperNodes on this machine ---
 # A Flower deployment on this machine: a SuperLink and NODES SuperNodes on
 # loopback ports the OS picks, TLS + SuperNode authentication, the ServerApp
 # run through them (training/deploy.py; logs in runs/<name>/deploy/).

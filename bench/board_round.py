@@ -1,4 +1,4 @@
-"""Per-round board update time in emulation (issue 6): weights + evaluation of N test images.
+"""Per-round board update time in emulation : weights + evaluation of N test images.
 
 What the federated server does after each round with ``[hardware] boards``,
 timed piece by piece on one bit-exact emulated board (``python -m client_pynq
@@ -29,8 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from export import to_qonnx
+from fedfinn.boards import measure_round
+from training import loop
+from training.compress import message_to_model
+from training.config import load_config
+from training.task import dataset, make_model, test_data
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def start_agent(build: Path, work: Path, name: str, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -55,13 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/bench/board_round.json")
     args = p.parse_args(argv)
 
-    from client_pynq.host import measure_round
-    from export import to_qonnx
-    from training import loop
-    from training.compress import message_to_model
-    from training.config import load_config
-    from training.task import dataset, make_model, test_data
-
     run_dir = Path(args.run)
     if not (run_dir / "config.toml").exists():
         p.error(f"{run_dir} is not a run folder; run e.g. `fedfinn run configs/reduced/cnv_w2a2.toml` first")
@@ -82,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     to_qonnx(model_of(ckpts[0]), work / "round_001.onnx")
     build = work / "build"
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "hw.cli", "build", str(work / "round_001.onnx"), "--board", args.board,
-                    "--out", str(build), "--quiet"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "fedfinn.cli", "hw", "build", str(work / "round_001.onnx"), "--board",
+                    args.board, "--out", str(build), "--quiet"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     build_s = time.time() - t0
-    agents = [start_agent(build, work, "bitexact", "--cache-dir", str(work / "cache")),
+    agents = [start_agent(build, work, "bitexact"),
               start_agent(build, work, "fast", "--mode", "fast")]
     rounds = []
     try:
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             model = model_of(ckpt)
             _, host_acc = loop.evaluate(model, x, y, batch_size=500, mean=d.mean, std=d.std)
             t0 = time.time()
-            entries = measure_round([a for _, a in agents], model, images=x, labels=y, build=build, round=r)
+            entries = measure_round([a for _, a in agents], model, images=x, labels=y, build=build, server_round=r)
             wall = time.time() - t0
             for e in entries:
                 if not e.get("ok"):

@@ -1,6 +1,6 @@
-"""Round time of a Flower deployment on localhost against the simulation engine, same config.
+"""Round time of a Flower deployment on localhost against the simulation engine, same config, in pairs.
 
-Runs one after the other (never at the same time) on this machine:
+Runs, interleaved A/B/A/B (never at the same time) on this machine:
 
 1. ``fedfinn run CONFIG --set federation.backend="ray"``: Flower's simulation engine;
 2. ``fedfinn deploy CONFIG --nodes N``: a SuperLink and N SuperNodes on loopback
@@ -8,13 +8,14 @@ Runs one after the other (never at the same time) on this machine:
 3. optionally (``--plain``) ``fedfinn deploy --plain``: stock ``flower-supernode``
    processes and Flower's 3 s reply polling, i.e. the deployment out of the box.
 
-Each writes its own run folder; this script reads their ``metrics.jsonl``
-(``seconds.round``: from sampling to the end of the test pass, measured by the
+Each run writes its run folder; this script reads their ``metrics.jsonl``
+(``seconds.round``: a round's share of the run's wall time, measured by the
 ServerApp in the same way under every runtime) and writes JSON with the mean
-round time, the overhead of each deployment over the simulation, end-to-end
-wall times, message sizes and accuracies.
+round time per run, the per-pair ratios deployment / simulation of the mean
+round time and of the whole command's CPU and wall time (min / median / max),
+message sizes, accuracies and the machine's load.
 
-    python bench/deploy_overhead.py --config configs/reduced/baseline.toml --rounds 3 \\
+    python bench/deploy_overhead.py --config configs/reduced/baseline.toml --rounds 3 --pairs 3 \\
         --out results/bench/deploy_overhead.json [--plain] [--nodes 10]
 """
 
@@ -29,17 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+from fedfinn.measure import interleaved, machine_load, ratios, timed_command
+from training.recorder import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from training.recorder import read_metrics  # noqa: E402
-
-
-def timed(argv: list[str]) -> float:
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    t0 = time.perf_counter()
-    subprocess.run(argv, check=True, cwd=REPO, env=env)
-    return time.perf_counter() - t0
 
 
 def summary(run_dir: Path, wall: float) -> dict:
@@ -65,6 +59,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="extra config overrides for every run")
     p.add_argument("--out", default="results/bench/deploy_overhead.json")
     p.add_argument("--prefix", default="bench_deploy")
+    p.add_argument("--pairs", type=int, default=3)
     a = p.parse_args()
     fedfinn = str(Path(sys.executable).parent / "fedfinn")
     common = [f"federation.rounds={a.rounds}", *a.set]
@@ -72,36 +67,43 @@ def main() -> int:
     nodes = ["--nodes", str(a.nodes)] if a.nodes else []
     result = {"config": a.config, "rounds": a.rounds, "overrides": common, "cpus": os.cpu_count()}
 
-    name = f"{a.prefix}_sim"
-    wall = timed([fedfinn, "run", a.config, "--overwrite", "--quiet", *sets(['federation.backend="ray"', f"run.name={name}"])])
-    result["simulation"] = summary(REPO / "runs" / name, wall)
-
-    name = f"{a.prefix}_deploy"
-    wall = timed([fedfinn, "deploy", a.config, *nodes, "--overwrite", *sets(['federation.backend="ray"', f"run.name={name}"])])
-    result["deployment"] = summary(REPO / "runs" / name, wall)
-
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    kinds = {"simulation": ["run"], "deployment": ["deploy", *nodes]}
     if a.plain:
-        name = f"{a.prefix}_plain"
-        wall = timed([fedfinn, "deploy", a.config, *nodes, "--plain", "--overwrite",
-                      *sets(['federation.backend="ray"', f"run.name={name}"])])
-        result["deployment_plain"] = summary(REPO / "runs" / name, wall)
+        kinds["deployment_plain"] = ["deploy", *nodes, "--plain"]
 
-    sim = result["simulation"]
-    for key in ("deployment", "deployment_plain"):
-        if key in result:
-            dep = result[key]
-            dep["overhead_pct"] = 100 * (dep["mean_round_s"] / sim["mean_round_s"] - 1)
-            if dep["mean_round_s_after_first"] and sim["mean_round_s_after_first"]:
-                dep["overhead_pct_after_first"] = 100 * (dep["mean_round_s_after_first"] / sim["mean_round_s_after_first"] - 1)
-            dep["same_bytes_down"] = dep["bytes_down"] == sim["bytes_down"]
+    def side(kind: str, how: list[str]):
+        name = f"{a.prefix}_{kind}"
+
+        def go() -> dict:
+            quiet = ["--quiet"] if how[0] == "run" else []  # (deploy prints a few lines only)
+            m = timed_command([fedfinn, *how, a.config, "--overwrite", *quiet,
+                               *sets(['federation.backend="ray"', f"run.name={name}"])], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL)
+            return {**m, **summary(REPO / "runs" / name, m["wall_s"])}
+        return go
+
+    result["load_before"] = machine_load()
+    runs = interleaved({k: side(k, how) for k, how in kinds.items()}, a.pairs)
+    result["runs"] = runs
+    result["load_after"] = machine_load()
+    for kind in kinds:
+        if kind == "simulation":
+            continue
+        per_pair = [d["mean_round_s"] / s["mean_round_s"] for d, s in zip(runs[kind], runs["simulation"])]
+        result[f"{kind}_over_simulation"] = {
+            "mean_round": {"min": min(per_pair), "median": statistics.median(per_pair), "max": max(per_pair)},
+            **ratios(runs[kind], runs["simulation"]),
+            "same_bytes_down": all(d["bytes_down"] == s["bytes_down"] for d, s in zip(runs[kind], runs["simulation"])),
+        }
     out = REPO / a.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for key in ("simulation", "deployment", "deployment_plain"):
-        if key in result:
-            r = result[key]
-            print(f"{key:17s} mean round {r['mean_round_s']:.2f} s (after the first: {r['mean_round_s_after_first']}), "
-                  f"wall {r['wall_s']} s, overhead {r.get('overhead_pct', 0):+.1f} %, accuracy {r['test_accuracy']}")
+    for key, r in result.items():
+        if key.endswith("_over_simulation"):
+            print(f"{key}: mean round x{r['mean_round']['median']:.2f} (min {r['mean_round']['min']:.2f}, max "
+                  f"{r['mean_round']['max']:.2f}); whole command CPU x{r['cpu']['median']:.2f}, wall "
+                  f"x{r['wall']['median']:.2f}")
     print(f"written {out}")
     return 0
 

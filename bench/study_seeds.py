@@ -1,4 +1,4 @@
-"""Is the small study's best row within 1 point of fp32 for other seeds too? (issue 7)
+"""Is the small study's best row within 1 point of fp32 for other seeds too?
 
 Runs study-small configurations again with other ``federation.seed`` values
 (model init, client sampling, shuffling and augmentation change; the data split
@@ -21,11 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from training.config import load_config
+from training.recorder import read_metrics
 
-from training.config import load_config  # noqa: E402
-from training.recorder import read_metrics  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_dir_for(row: str, seed: int) -> tuple[Path, list[str]]:

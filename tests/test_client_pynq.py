@@ -1,4 +1,4 @@
-"""client_pynq: the board protocol, the agent (fuzzed), the emulators and the host side (issue 6).
+"""client_pynq: the board protocol, the agent (fuzzed), the emulators and the host side.
 
 * the package imports and serves with the standard library + numpy only
   (a subprocess whose imports of anything else fail);
