@@ -259,3 +259,29 @@ def test_no_flower_process_left():
                          capture_output=True, text=True).stdout
     mine = [line for line in out.splitlines() if "pytest-of" in line or "/tmp/pytest" in line]
     assert not mine, mine
+
+
+def test_fab_check_patch_fits_this_flower(tmp_path, monkeypatch):
+    """The warm executor's FAB check wraps flwr 1.42's run_clientapp.get_load_client_app_fn, which
+    run_clientapp calls by that module-level name; the wrapper compares the pre-imported ``training``
+    modules with the FAB's files and drops them (to import the FAB's) when they differ."""
+    import inspect
+
+    from flwr.supernode.runtime import run_clientapp as rc
+
+    from training import fastnode
+
+    assert "get_load_client_app_fn(" in inspect.getsource(rc.run_clientapp)
+    original = rc.get_load_client_app_fn
+    try:
+        fastnode._install_fab_check()
+        assert rc.get_load_client_app_fn is not original
+    finally:
+        monkeypatch.setattr(rc, "get_load_client_app_fn", original)
+    repo = __import__("pathlib").Path(fastnode.__file__).resolve().parent.parent
+    same = tmp_path / "same"
+    shutil = __import__("shutil")
+    shutil.copytree(repo / "training", same / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    assert fastnode._same_as_fab(same)
+    (same / "training" / "loop.py").write_text("# changed\n")
+    assert not fastnode._same_as_fab(same)

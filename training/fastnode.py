@@ -98,7 +98,10 @@ class _AdaptiveSleep:
 
 
 def patch_supernode_polling(fast: float = POLL_MIN, slow: float = POLL_MAX, wake_fd: int | None = None) -> None:
-    """Replace the SuperNode's fixed 3 s / 0.5 s sleeps (flwr 1.42) by adaptive ones."""
+    """Replace the SuperNode's fixed 3 s / 0.5 s sleeps by adaptive ones.
+
+    Targets flwr 1.42.0's ``flwr.supernode.start_client_internal``, which calls ``time.sleep(3)`` and
+    ``time.sleep(0.5)`` on its module-level ``time``; tests/test_deploy.py fails if either changes."""
     from flwr.supernode import start_client_internal as sci
 
     if getattr(sci, "time", None) is not time and not isinstance(getattr(sci, "time", None), _AdaptiveSleep):
@@ -220,7 +223,11 @@ def _same_as_fab(app_dir: Path) -> bool:
 
 
 def _install_fab_check() -> None:
-    """In a task child: re-import ``training`` from the FAB if it differs from what is pre-imported."""
+    """In a task child: re-import ``training`` from the FAB if it differs from what is pre-imported.
+
+    Targets flwr 1.42.0's ``flwr.supernode.runtime.run_clientapp``, whose ``run_clientapp`` loads the
+    ClientApp through the module-level ``get_load_client_app_fn``; the wrapper is installed there.
+    tests/test_deploy.py fails if that function moves or stops being called that way."""
     from flwr.common.config import get_project_dir
     from flwr.supernode.runtime import run_clientapp as rc
 
