@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import re
+import subprocess
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,33 @@ def prepare_run_dir(cfg: RunConfig, overwrite: bool = False, resume: bool = Fals
         metrics.unlink()
     (run_dir / "config.toml").write_text(cfg.to_toml())
     return run_dir
+
+
+def note_session(run_dir: Path, **info) -> None:
+    """Append one line to ``sessions.jsonl``: where and with what code this run (re)started computing."""
+    line = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(),
+            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.system()} "
+                       f"{platform.release()}", "python": platform.python_version(), "commit": source_commit(), **info}
+    append_jsonl(Path(run_dir) / "sessions.jsonl", line)
+
+
+def read_sessions(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "sessions.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def source_commit() -> str:
+    """The git commit of the code this process runs ("" outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    if out.returncode:
+        return ""
+    return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _clean(x):

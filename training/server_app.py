@@ -44,7 +44,8 @@ from .config import RunConfig
 from .flower_compat import set_message_ids
 from .pruning import sparsity
 from .recorder import (
-    append_jsonl, checkpoint_path, prune_checkpoints, read_metrics, read_state, round_record, write_atomic, write_state,
+    append_jsonl, checkpoint_path, note_session, prune_checkpoints, read_metrics, read_state, round_record, write_atomic,
+    write_state,
 )
 from .strategy import CompressedFedAvg, RoundStats
 from .task import config_record, dataset, device_of, make_model, pack, prepare_model, test_data_on
@@ -202,6 +203,8 @@ def serve(grid: Grid, cfg: RunConfig, *, observers: Iterable[RoundObserver] = ()
     strategy = CompressedFedAvg(cfg)
     done, arrays = resume_point(strategy, run_dir, grid) if resume else (0, strategy.initial_arrays())
     evaluation = GlobalEvaluation(cfg, eval_threads)
+    note_session(run_dir, from_round=done, device=str(evaluation.device), torch=torch.__version__,
+                 backend=cfg.federation.backend, torch_threads=torch.get_num_threads())
     pending: _Pending | None = None
     with tqdm(total=cfg.federation.rounds, initial=done, desc=cfg.run.name, unit="round",
               disable=not progress) as bar:

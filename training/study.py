@@ -6,10 +6,13 @@ finished runs (their ``config.toml`` and ``metrics.jsonl``) and writes to OUT:
 * ``table.md`` / ``table.csv``: one row per run: technique, final test accuracy
   (and the mean of the last three rounds, less noisy at small scale), its
   difference to the fp32 run, the measured message MiB up (mean per client) and
-  down, the poster's message size where the poster gives one, and the
-  compression factor against the uncompressed fp32 message;
+  down and the largest single message, the poster's bit-count size of a
+  quantized model, the poster's accuracy and size for the same technique, and
+  the compression factor against the uncompressed fp32 message;
 * ``accuracy_vs_round.png`` (+ ``curves.csv`` / ``curves.md``): the poster's
-  left figure (one curve per run);
+  left figure (one curve per run), the poster's ~78 % near round 40 marked;
+* ``to_accuracy.md`` / ``.csv``: rounds and MiB moved (all clients, both ways)
+  until 60 % and 70 % test accuracy;
 * ``accuracy_vs_pruning.png`` (+ ``pruning.csv`` / ``pruning.md``): the
   poster's right figure (accuracy against pruning rate, fp32 at 0);
 * ``pareto.png`` (+ ``pareto.csv`` / ``pareto.md``): accuracy against uplink
@@ -19,11 +22,12 @@ finished runs (their ``config.toml`` and ``metrics.jsonl``) and writes to OUT:
   client on its own link; the round waits for the slowest client), at the link
   rates asked for, and time-to-accuracy: the modelled time until the global
   model first reaches the target accuracy;
-* ``summary.md``: what ran where (machine, scale, data), the ordering of the
-  techniques, and the smallest message within 1 point of the fp32 run.
+* ``summary.md``: what ran where (each row's machines and code commits, from
+  its ``sessions.jsonl``; scale; data), the ordering of the techniques, and the
+  smallest message within 1 point of the fp32 run.
 
 Every figure is computed from the runs' own JSON lines; nothing is typed in
-except the poster's published message sizes (``POSTER_MIB``).
+except the poster's published figures (``POSTER``).
 """
 
 from __future__ import annotations
@@ -35,14 +39,26 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import sampled_per_round
+from .codec import mib
+from .compress import message_to_model, model_to_message, travelling_state
+from .config import from_dict, sampled_per_round
 from .plots import finish, pareto_front, plot_curves, plot_pareto, plt
-from .recorder import RunRecord
+from .recorder import RunRecord, checkpoint_path, checkpoint_rounds, read_sessions
 from .recorder import load_run as load_run_folder
 from .report import technique
+from .task import make_model
 
-#: Message sizes the poster gives (MiB), by row; its accuracies are not available to us.
-POSTER_MIB = {"baseline": 2.976, "q8bit": 0.76, "q4bit": 0.39, "q1bit": 0.11, "prune90": 0.37, "prune99": 0.05}
+#: The poster's CIFAR-10 table (../shared/poster/table_cifar10.csv): (technique, bits or pruning %) ->
+#: (accuracy % after 100 rounds with 1 local epoch, message MiB). Its quantization sizes are bit counts
+#: (parameters x bits) of messages that travelled as fp32; its pruning sizes are DEFLATE of fp32 tensors.
+POSTER = {("fp32", 32): (78.94, 2.97), ("quant", 8): (78.80, 0.75), ("quant", 4): (79.74, 0.38),
+          ("quant", 1): (48.93, 0.10)}
+POSTER.update({("prune", p): v for p, v in {10: (74.79, 2.57), 20: (76.01, 2.34), 30: (78.20, 2.10),
+                                            40: (77.50, 1.85), 50: (72.74, 1.57), 60: (76.00, 1.29),
+                                            70: (73.43, 1.01), 80: (75.18, 0.70), 90: (73.37, 0.37),
+                                            95: (71.05, 0.19), 99: (52.77, 0.04)}.items()})
+#: "reaching 78 % accuracy takes approximately 40 rounds" (1 local epoch): the point on the curves.
+POSTER_REFERENCE = (40, 78.0, "poster: ~78 % near round 40 (1 local epoch)")
 
 DATA_NOTE = ("CIFAR-10 from the bundled pack (../shared/data/cifar10-jpeg.npz): the official images "
              "JPEG-recompressed, so accuracies are a little below those on the original PNG-exact data")
@@ -66,9 +82,46 @@ def load_run(run_dir: str | Path) -> StudyRun:
     return StudyRun(run.path, run.cfg, run.rows, row=m.group(1) if m else name, technique=technique(run.cfg))
 
 
+def poster_row(run: RunRecord) -> tuple[float, float] | None:
+    """The poster's (accuracy %, MiB) for the run's technique: fp32, one bit width (any protocol) or one
+    pruning rate alone; None for techniques the poster does not have (update mode, combinations, seeds
+    count as the same technique)."""
+    c = run.compression
+    if run.delta or c.get("client_bits") or run.cfg.get("model", {}).get("name", "resnet12") != "resnet12":
+        return None
+    if run.bits != 32 and not run.prune_rate:
+        return POSTER.get(("quant", run.bits))
+    if run.bits == 32 and run.prune_rate:
+        return POSTER.get(("prune", round(100 * run.prune_rate)))
+    return POSTER[("fp32", 32)] if run.bits == 32 else None
+
+
+def bitcount_mib(run: RunRecord) -> float | None:
+    """The poster's size arithmetic for a quantized run: every quantized weight at its bits, the rest at
+    32 bits (what the authors reported, whatever travelled)."""
+    if not run.quantized or run.delta:
+        return None
+    model = make_model(from_dict(run.cfg))
+    quantized = {f"{n}.weight" for n, m in model.named_modules() if getattr(getattr(m, "weight_quant", None),
+                                                                          "is_quant_enabled", False)}
+    bits = sum(v.numel() * (run.bits if k in quantized else 32) for k, v in travelling_state(model).items())
+    return mib(bits / 8)
+
+
+def uncompressed_mib_of(run: RunRecord) -> float | None:
+    """The run's last checkpoint encoded again without entropy coding: the exact uncompressed size of the
+    same global model (the fp32 row's 'baseline' size, from the same run)."""
+    rounds = checkpoint_rounds(run.path)
+    if not rounds or run.quantized or run.delta or run.prune_rate:
+        return None
+    model = make_model(from_dict(run.cfg))
+    message_to_model(model, checkpoint_path(run.path, rounds[-1]).read_bytes())
+    return mib(len(model_to_message(model, entropy=False)))
+
+
 def reference(runs: list[StudyRun]) -> StudyRun:
     """The fp32 run everything is compared with: fp32 + zstd (lossless) if present, else the baseline."""
-    for row in ("fp32_zstd", "baseline"):
+    for row in ("fp32", "fp32_zstd", "baseline"):
         for r in runs:
             if r.row == row:
                 return r
@@ -76,10 +129,11 @@ def reference(runs: list[StudyRun]) -> StudyRun:
 
 
 def uncompressed_mib(runs: list[StudyRun]) -> float:
+    """The uncompressed fp32 message: the baseline row's, else the fp32 row's last model encoded raw."""
     for r in runs:
         if r.row == "baseline":
             return r.mib_up
-    return 2.976  # the study model's fp32 size (the poster's)
+    return uncompressed_mib_of(reference(runs)) or 2.976
 
 
 def scale_text(run: StudyRun) -> str:
@@ -97,25 +151,73 @@ def machine_text() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, CPU only"
 
 
+def where_it_ran(run: RunRecord) -> str:
+    """The machines and code commits the run computed on (sessions.jsonl), else this machine."""
+    sessions = read_sessions(run.path)
+    if not sessions:
+        return machine_text()
+    seen = []
+    for s in sessions:
+        text = f"{s.get('machine')} ({s.get('device', 'cpu')}, torch {s.get('torch', '?')}) @ {s.get('commit') or '?'}"
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
+
+
 # ----------------------------------------------------------------------------- the poster's table
 
 
 TABLE_COLUMNS = ("row", "technique", "accuracy_%", "last3_mean_%", "delta_vs_fp32_pts", "mib_up", "mib_down",
-                 "mib_max", "poster_mib", "x_smaller_up", "rounds")
+                 "mib_max", "mib_bitcount", "poster_accuracy_%", "poster_mib", "x_smaller_up", "rounds")
 
 
 def table_rows(runs: list[StudyRun]) -> list[dict]:
     ref, full = reference(runs), uncompressed_mib(runs)
     out = []
     for r in runs:
+        poster = poster_row(r)
+        bitcount = bitcount_mib(r)
         out.append({
             "row": r.row, "technique": r.technique, "accuracy_%": round(100 * r.accuracy, 2),
             "last3_mean_%": round(100 * r.accuracy_last3, 2),
             "delta_vs_fp32_pts": round(100 * (r.accuracy_last3 - ref.accuracy_last3), 2),
             "mib_up": round(r.mib_up, 4), "mib_down": round(r.mib_down, 4), "mib_max": round(r.mib_max, 4),
-            "poster_mib": POSTER_MIB.get(r.row, ""), "x_smaller_up": round(full / r.mib_up, 1),
-            "rounds": r.rows[-1]["round"],
+            "mib_bitcount": "" if bitcount is None else round(bitcount, 4),
+            "poster_accuracy_%": "" if poster is None else poster[0], "poster_mib": "" if poster is None else poster[1],
+            "x_smaller_up": round(full / r.mib_up, 1), "rounds": r.rows[-1]["round"],
         })
+    return out
+
+
+def bytes_moved(row: dict) -> int:
+    """Every byte of one round, both ways, all clients: the replies plus each sampled node's downlink."""
+    downs = row.get("bytes_down_each") or [row["bytes_down"]] * len(row.get("sampled_nodes") or row["bytes_up"])
+    return sum(row["bytes_up"]) + sum(downs)
+
+
+def to_accuracy(run: RunRecord, target: float) -> tuple[int | None, float | None]:
+    """(first round at or above ``target`` test accuracy, MiB moved until then), or (None, None)."""
+    moved = 0
+    for row in run.rows:
+        moved += bytes_moved(row)
+        if row["test_accuracy"] >= target:
+            return row["round"], mib(moved)
+    return None, None
+
+
+TARGETS = (0.6, 0.7)
+TARGET_COLUMNS = ["row", "technique"] + [f"{k}_{int(100 * t)}" for t in TARGETS for k in ("rounds_to", "mib_to")]
+
+
+def target_rows(runs: list[StudyRun]) -> list[dict]:
+    out = []
+    for r in runs:
+        rec = {"row": r.row, "technique": r.technique}
+        for t in TARGETS:
+            rounds, moved = to_accuracy(r, t)
+            rec[f"rounds_to_{int(100 * t)}"] = rounds
+            rec[f"mib_to_{int(100 * t)}"] = None if moved is None else round(moved, 2)
+        out.append(rec)
     return out
 
 
@@ -149,15 +251,17 @@ def time_to_accuracy(run: StudyRun, target: float, link_mbit: float) -> float | 
     return None
 
 
-def cost_rows(runs: list[StudyRun], links: list[float], target: float) -> list[dict]:
+def cost_rows(runs: list[StudyRun], links: list[float], targets: dict[str, float]) -> list[dict]:
+    """Per run and link rate: modelled seconds per round and until each target accuracy (name -> accuracy)."""
     out = []
     for r in runs:
         rec = {"row": r.row, "technique": r.technique}
         for rate in links:
             per_round = [round_seconds(row, rate) for row in r.rows]
-            tta = time_to_accuracy(r, target, rate)
             rec[f"s_per_round_{rate:g}mbit"] = round(sum(per_round) / len(per_round), 2)
-            rec[f"tta_s_{rate:g}mbit"] = None if tta is None else round(tta, 1)
+            for name, target in targets.items():
+                tta = time_to_accuracy(r, target, rate)
+                rec[f"tta_{name}_s_{rate:g}mbit"] = None if tta is None else round(tta, 1)
         out.append(rec)
     return out
 
@@ -185,21 +289,32 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref = reference(runs)
-    caption = (f"Scale: {scale_text(ref)}. Machine: {machine_text()}. Data: {DATA_NOTE}. "
+    caption = (f"Scale: {scale_text(ref)}. Machine: {where_it_ran(ref)}. Data: {DATA_NOTE}. "
                f"Accuracy = top-1 on the test images after the last round; Δ uses the mean of the last three rounds.")
     paths = {}
 
     rows = table_rows(runs)
     paths["table_md"] = out / "table.md"
-    paths["table_md"].write_text(f"# {title}: the poster's table, measured\n\n{caption}\n\n"
-                                 f"`poster_mib`: the message size the poster reports (its accuracies are not "
-                                 f"available to us). `x_smaller_up`: the uncompressed fp32 message over this "
-                                 f"uplink message.\n\n" + _md(rows, TABLE_COLUMNS))
+    paths["table_md"].write_text(
+        f"# {title}: the poster's table, measured\n\n{caption}\n\n"
+        f"`mib_up`/`mib_down`: mean bytes sent per message, as `len()` of what travelled. `mib_bitcount`: the "
+        f"poster's arithmetic for a quantized model (quantized weights at their bits, the rest at 32), whatever "
+        f"travelled. `poster_accuracy_%`/`poster_mib`: the poster's figures for the same technique (100 rounds, "
+        f"1 local epoch, its own data and seeds; its quantization sizes are bit counts of fp32 messages). "
+        f"`x_smaller_up`: the uncompressed fp32 message ({uncompressed_mib(runs):.4f} MiB) over this uplink "
+        f"message.\n\n" + _md(rows, TABLE_COLUMNS))
     paths["table_csv"] = out / "table.csv"
     _csv(paths["table_csv"], rows, TABLE_COLUMNS)
 
     paths["curves"] = plot_curves(runs, out / "accuracy_vs_round.png", caption, label=lambda r: r.row, style=_style,
-                                  title="accuracy per round (poster, left)")
+                                  title="accuracy per round (poster, left)", reference=POSTER_REFERENCE)
+    trows = target_rows(runs)
+    paths["targets_md"] = out / "to_accuracy.md"
+    paths["targets_md"].write_text(
+        f"# {title}: rounds and bytes to a target accuracy\n\n{caption}\n\nFirst round whose global model reaches "
+        f"the target test accuracy, and the MiB moved until then (every reply and every downlink, all clients, "
+        f"both ways); '-' = not reached.\n\n" + _md(trows, TARGET_COLUMNS))
+    _csv(out / "to_accuracy.csv", trows, TARGET_COLUMNS)
     for name, (columns, data, what) in figure_data(runs).items():  # each figure's numbers, to read or re-plot
         _csv(out / f"{name}.csv", data, columns)
         (out / f"{name}.md").write_text(f"# {title}: {what}\n\n{caption}\n\n" + _md(data, columns))
@@ -208,15 +323,18 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     paths["pareto"] = plot_pareto(runs, out / "pareto.png", caption, label=lambda r: r.row,
                                   fp32_accuracy=ref.accuracy_last3, title="accuracy vs message size")
 
-    target = 0.9 * ref.accuracy_last3
-    crow = cost_rows(runs, list(links), target)
-    ccols = ["row", "technique"] + [f"{k}_{r:g}mbit" for r in links for k in ("s_per_round", "tta_s")]
+    targets = {"90pct_fp32": 0.9 * ref.accuracy_last3, **{f"{int(100 * t)}": t for t in TARGETS}}
+    crow = cost_rows(runs, list(links), targets)
+    ccols = ["row", "technique"] + [c for r in links for c in [f"s_per_round_{r:g}mbit"] +
+                                    [f"tta_{n}_s_{r:g}mbit" for n in targets]]
     paths["cost_md"] = out / "cost.md"
     paths["cost_md"].write_text(
         f"# {title}: cost model\n\n{caption}\n\nPer round: slowest client's measured compute (train + encode + "
         f"decode) + server (decode, aggregate, encode, evaluate) + (bytes down + bytes up) / link rate, each client "
-        f"on its own link. Time to accuracy: modelled seconds until the global model first reaches "
-        f"{100 * target:.1f} % (90 % of the fp32 run's); '-' = not reached.\n\n" + _md(crow, ccols))
+        f"on its own link. Time to accuracy (`tta_<target>`): modelled seconds until the global model first "
+        f"reaches the target: `90pct_fp32` = {100 * targets['90pct_fp32']:.1f} % (90 % of the fp32 run's), `60`, "
+        f"`70` = 60 %, 70 %; '-' = not reached. Compute times are this machine's (see where each row ran in "
+        f"summary.md).\n\n" + _md(crow, ccols))
     paths["cost_csv"] = out / "cost.csv"
     _csv(paths["cost_csv"], crow, ccols)
     paths["cost_png"] = plot_cost(runs, out / "cost.png", min(links), caption)
@@ -265,6 +383,8 @@ def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: st
                      f"the uncompressed "
                      f"{full:.3f} MiB; accuracy {100 * best.accuracy_last3:.2f} % "
                      f"({100 * (best.accuracy_last3 - ref.accuracy_last3):+.2f} pts).")
+    lines += ["", "Where each row ran (machine, device, code commit; a row may span sessions):", ""]
+    lines += [f"- {r.row}: {where_it_ran(r)}" for r in runs]
     return "\n".join(lines) + "\n"
 
 
