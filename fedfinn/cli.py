@@ -33,7 +33,17 @@ from .boards import write_board_report
 from .rounds import observers_for
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a session or a scheduler stopping the run) unwinds like Ctrl-C: the round being recorded
+    is written and the run folder stays resumable."""
+    def to_interrupt(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, to_interrupt)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _interrupt_on_sigterm()
     cfg = load_config(args.config, args.set)
     if (args.skip_done or args.cont) and _finished(cfg):
         print(f"{cfg.run_dir}: all {cfg.federation.rounds} rounds done; skipped")
