@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .buildfiles import parse_dat
 from .protocol import safe_file_name
 
 FAST_LABEL = "fast (onnxruntime), not bit-exact to the accelerator"
@@ -172,11 +173,7 @@ class SyntheticBackend(Backend):
 
     @staticmethod
     def offset_of(files: dict[str, bytes]) -> int:
-        total = 0
-        for name in sorted(files):
-            toks = bytes(files[name]).split()
-            total += sum(int(t, 16) for t in toks)
-        return total
+        return sum(int(parse_dat(files[name]).sum(dtype=np.uint64)) for name in sorted(files))
 
     def set_weights(self, kind, files):
         if kind != "dat":
@@ -276,14 +273,14 @@ class BoardBackend(Backend):
         if kind != "dat":
             raise BackendError("unsupported", "a board takes the runtime-weight files ('dat')")
         self.check_dat_names(files)
-        for name, data in files.items():
-            n_new, n_old = len(bytes(data).split()), len(self.built_weights[name].split())
+        for name, data in files.items():  # every word, before anything is staged or written
+            try:
+                n_new = len(parse_dat(data))
+            except ValueError as err:
+                raise BackendError("weights_mismatch", f"{name}: {err}") from None
+            n_old = len(self.built_weights[name].split())
             if n_new != n_old:
                 raise BackendError("weights_mismatch", f"{name}: {n_new} words, the accelerator has {n_old}")
-            try:
-                [int(t, 16) for t in bytes(data).split()[:4]]
-            except ValueError:
-                raise BackendError("weights_mismatch", f"{name}: not hex words") from None
         self._serial += 1
         stage = self.state_dir / f"rw-{self._serial}"
         stage.mkdir()
@@ -332,7 +329,8 @@ class BitExactEmulator(Backend):
 
     def __init__(self, build: str | os.PathLike, batch: int = 100, fallback=None):
         # onnx/qonnx are on the host only: a board image imports this module without them
-        from .dataflow import DataflowModel, DatCodec, find_folded_model
+        from .buildfiles import find_folded_model
+        from .dataflow import DataflowModel, DatCodec
 
         self.build = Path(build)
         self.model_path = find_folded_model(self.build)
@@ -367,7 +365,7 @@ class BitExactEmulator(Backend):
         for name, data in files.items():
             try:
                 layer, value = self.codec.decode(name, bytes(data))
-            except (ValueError, KeyError) as err:
+            except (ValueError, KeyError, OverflowError) as err:
                 raise BackendError("weights_mismatch", f"{name}: {err}") from None
             new[layer] = value
         for layer, value in new.items():  # all decoded first: nothing half-applied

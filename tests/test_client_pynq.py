@@ -360,6 +360,63 @@ def test_board_backend_with_a_fake_driver(tmp_path, monkeypatch):
         agent.shutdown()
 
 
+def _fake_deploy(tmp_path: Path, monkeypatch, files: dict[str, str]):
+    """A deployment package and a stand-in for finn_plus_driver whose load_runtime_weights reads
+    the .dat words the way the real one does (``np.fromiter(int(w, 16)), dtype=np.uint32)``)."""
+    import types
+
+    deploy = tmp_path / "deploy"
+    (deploy / "bitfile").mkdir(parents=True)
+    (deploy / "bitfile" / "finn-accel.bit").write_bytes(b"bit")
+    rw = deploy / "driver" / "runtime_weights"
+    rw.mkdir(parents=True)
+    for name, text in files.items():
+        (rw / name).write_text(text)
+    io = {"idt": ["DataType['UINT8']"], "ishape_normal": [[1, 32, 32, 3]], "oshape_normal": [[1, 1]]}
+    (deploy / "driver" / "settings.json").write_text(json.dumps(
+        {"driver_information": {"driver_type": "FINNDMAOverlay", "io_shape_dict": io, "runtime_weights": True}}))
+    loads = []
+
+    class DriverLike:
+        def __init__(self, bitfile, **kw):
+            self.runtime_weight_dir = kw["runtime_weight_dir"]
+            self.batch_size = kw["batch_size"]
+
+        def load_runtime_weights(self, flush_accel=True, verify=True):
+            for f in sorted(Path(self.runtime_weight_dir).glob("*.dat")):  # finn_plus_driver/overlays/dma.py
+                np.fromiter([int(x, 16) for x in f.read_text().strip().split()], dtype=np.uint32)
+            loads.append(self.runtime_weight_dir)
+
+    monkeypatch.setitem(sys.modules, "finn_plus_driver", types.SimpleNamespace(get_driver_class=lambda n: DriverLike))
+    return deploy, loads
+
+
+def test_board_backend_refuses_words_the_driver_cannot_take(tmp_path, monkeypatch):
+    """Finding 4: a word ``-1`` (or > 32 bits, or garbage after the 4th word) is ``weights_mismatch``
+    before anything is staged or written, not a driver OverflowError half-way (``backend_error``)."""
+    built = "".join(f"{i:08x}\n" for i in range(6))
+    deploy, loads = _fake_deploy(tmp_path, monkeypatch, {"1_0_MVAU_hls_0.dat": built})
+    b = BoardBackend(deploy, batch=10, state_dir=str(tmp_path / "state"), power=False)
+    agent = Agent(b, port=0)
+    agent.start()
+    try:
+        with BoardClient(*agent.address, timeout=20) as c:
+            c.set_weights({"1_0_MVAU_hls_0.dat": built.encode()})
+            assert len(loads) == 1
+            words = built.split()
+            for bad in ("-1", "100000000", "+5", "0x1", "1_0", "zz", "\u0661"):
+                for pos in (0, 5):  # the first word and the last (only the first 4 were looked at)
+                    w = list(words)
+                    w[pos] = bad
+                    with pytest.raises(BoardError) as e:
+                        c.set_weights({"1_0_MVAU_hls_0.dat": "\n".join(w).encode()})
+                    assert e.value.code == "weights_mismatch", (bad, pos, e.value)
+            assert c.hello()["weights"]["source"] == "dat"  # the good update stands
+        assert len(loads) == 1 and len(list((tmp_path / "state").glob("rw-*"))) == 1  # nothing staged
+    finally:
+        agent.shutdown()
+
+
 # ----------------------------------------------------------------------------- fuzz
 
 
@@ -665,3 +722,21 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
     assert paths["boards_plot_fed_boards"].stat().st_size > 1000
     assert (cfg.run_dir / "config.toml").read_text().count("127.0.0.1") == 4
     print("\n" + "\n".join(report) + f"\nrun wall time {wall:.1f} s")
+
+
+@needs_finn
+def test_bitexact_emulator_answers_weights_mismatch_for_bad_words(cnv_build):
+    """Finding 4, the emulator's path: a .dat word -1 (or > 32 bits) is weights_mismatch."""
+    from client_pynq.backends import BackendError, BitExactEmulator
+
+    _, build, _ = cnv_build
+    b = BitExactEmulator(build)
+    name = b.weight_files[0]
+    good = {f: (build / "driver" / "runtime_weights" / f).read_bytes() for f in b.weight_files}
+    for bad in (b"-1", b"100000000", b"-0"):
+        words = good[name].split()
+        words[-1] = bad
+        with pytest.raises(BackendError) as e:
+            b.set_weights("dat", {**good, name: b"\n".join(words)})
+        assert e.value.code == "weights_mismatch", (bad, e.value.message)
+    assert b.set_weights("dat", good)["layers"] == len(good)
