@@ -89,9 +89,13 @@ p = subprocess.Popen([sys.executable, "-m", "client_pynq", "serve", "--synthetic
 t0 = time.time()
 while not os.path.exists(pf) and time.time() - t0 < 30 and p.poll() is None:
     time.sleep(0.1)
-from client_pynq.host import BoardClient
-with BoardClient("127.0.0.1", int(open(pf).read()), timeout=10) as c:
-    print("[fedfinn-board] agent self-test: protocol", c.hello()["protocol"])
+import socket
+from client_pynq import protocol as P
+with socket.create_connection(("127.0.0.1", int(open(pf).read())), timeout=10) as s:
+    P.send_message(s, P.HELLO, {"client": "install.sh"})  # the first message: a HELLO (protocol 2)
+    r = P.read_message(s, P.reply_limits(), reply=True)
+    assert r.type == P.HELLO, r.meta
+    print("[fedfinn-board] agent self-test: protocol", r.meta["protocol"])
 p.wait(20)
 EOF
 

@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 
 from client_pynq.protocol import (
-    ERROR, EVALUATE, FLAG_REPLY, HELLO, SET_WEIGHTS, UPLOAD_TESTSET, ConnectionClosed, Limits, ProtocolError,
-    make_parts, part_array, read_message, send_message, testset_id,
+    ERROR, EVALUATE, FLAG_REPLY, HELLO, SET_WEIGHTS, UPLOAD_TESTSET, ConnectionClosed, ProtocolError, make_parts,
+    part_array, read_message, reply_limits, send_message, testset_id,
 )
 from export.qonnx_export import to_qonnx
 from training.plots import finish, plt
@@ -67,17 +67,31 @@ def parse_address(addr: str, default_port: int = 9100) -> tuple[str, int]:
 
 
 class BoardClient:
-    """A connection to one board agent (reconnects once if a kept connection went stale)."""
+    """A connection to one board agent (reconnects once if a kept connection went stale).
+
+    Every new connection starts with the HELLO that carries the token (protocol
+    version 2); later requests carry none. What the host reads back is bounded
+    (:func:`client_pynq.protocol.reply_limits`): reply metadata at most 1 MiB, a
+    payload only on EVALUATE (``max_reply_payload``), both refused from the
+    header before anything is allocated; a reply must arrive within ``timeout``
+    (first byte) plus its length at the protocol's minimum rate. Whatever a
+    board sends, the caller sees :class:`BoardError`."""
+
+    #: a connection closed before the first HELLO's reply (e.g. evicted from the agent's
+    #: pool of unauthenticated connections under a flood): tried again this often
+    HANDSHAKE_TRIES = 4
 
     def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 120.0,
-                 connect_timeout: float = 5.0):
+                 connect_timeout: float = 5.0, max_reply_payload: int | None = None):
         self.host, self.port = host, int(port)
         self.token = token
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.limits = reply_limits(max_reply_payload) if max_reply_payload is not None else reply_limits()
         self._sock: socket.socket | None = None
         self._rid = 0
         self._lock = threading.Lock()
+        self._hello: dict | None = None  # the reply to this connection's first HELLO, until used
         self.bytes_sent = 0
 
     @classmethod
@@ -96,27 +110,58 @@ class BoardClient:
         self.close()
 
     def close(self) -> None:
+        self._hello = None
         if self._sock is not None:
             try:
                 self._sock.close()
             finally:
                 self._sock = None
 
+    def _exchange(self, sock: socket.socket, mtype: int, meta: dict, bufs=()):
+        """One request and its reply on ``sock``: (Message, request id); raises BoardError."""
+        self._rid = (self._rid + 1) & 0xFFFFFFFF
+        sock.settimeout(self.timeout)
+        self.bytes_sent += send_message(sock, mtype, meta, bufs, request_id=self._rid)
+        return read_message(sock, self.limits, reply=True, header_timeout=self.timeout,
+                            body_timeout=self.timeout), self._rid
+
     def _connect(self) -> socket.socket:
-        try:
-            s = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except OSError as err:
-            raise BoardError("connection", f"cannot connect: {err}", self.address) from None
-        s.settimeout(self.timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = s
-        return s
+        """A new connection, authenticated by its first HELLO."""
+        meta = {"client": "fedfinn-host"}
+        if self.token:
+            meta["token"] = self.token
+        for attempt in range(self.HANDSHAKE_TRIES):
+            try:
+                s = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            except OSError as err:
+                raise BoardError("connection", f"cannot connect: {err}", self.address) from None
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reply, rid = self._exchange(s, HELLO, meta)
+            except (ConnectionClosed, ProtocolError, OSError) as err:
+                s.close()
+                if isinstance(err, ProtocolError) and err.code not in ("truncated",) or \
+                        isinstance(err, socket.timeout) or attempt == self.HANDSHAKE_TRIES - 1:
+                    raise _as_board_error(err, self) from None
+                time.sleep(0.02 * 2**attempt)
+                continue
+            except (MemoryError, OverflowError, ValueError) as err:  # never a raw error from a board's bytes
+                s.close()
+                raise BoardError("connection", f"bad reply: {type(err).__name__}", self.address) from None
+            if reply.type == ERROR:
+                s.close()
+                m = reply.meta
+                raise BoardError(str(m.get("code", "error")), str(m.get("message", "")), self.address)
+            if reply.type != HELLO or not reply.flags & FLAG_REPLY or reply.request_id != rid:
+                s.close()
+                raise BoardError("connection", "the agent's first reply is not the HELLO's", self.address)
+            self._sock, self._hello = s, reply.meta
+            return s
+        raise AssertionError("unreachable")
 
     def request(self, mtype: int, meta: dict | None = None, items: list | None = None) -> tuple[dict, dict]:
         """Send one request, return (reply metadata, reply parts as arrays/bytes)."""
         meta = dict(meta or {})
-        if self.token:
-            meta["token"] = self.token
         bufs = []
         if items:
             parts, bufs = make_parts(items)
@@ -125,33 +170,43 @@ class BoardClient:
             for attempt in (0, 1):
                 fresh = self._sock is None
                 sock = self._sock or self._connect()
-                self._rid = (self._rid + 1) & 0xFFFFFFFF
+                self._hello = None
                 try:
-                    self.bytes_sent += send_message(sock, mtype, meta, bufs, request_id=self._rid)
-                    reply = read_message(sock, Limits(max_meta=16 * 2**20), reply=True)
+                    reply, rid = self._exchange(sock, mtype, meta, bufs)
                 except (OSError, ProtocolError, ConnectionClosed) as err:
                     self.close()
                     if attempt == 0 and not fresh and not isinstance(err, (socket.timeout, ProtocolError)):
                         continue  # a kept connection the agent had closed: once more on a new one
-                    if isinstance(err, socket.timeout):
-                        raise BoardError("timeout", f"no reply within {self.timeout:g} s", self.address) from None
-                    raise BoardError("connection", f"{type(err).__name__}: {err}", self.address) from None
+                    raise _as_board_error(err, self) from None
+                except (MemoryError, OverflowError, ValueError) as err:
+                    self.close()
+                    raise BoardError("connection", f"bad reply: {type(err).__name__}", self.address) from None
                 break
         if reply.type == ERROR:
             m = reply.meta
             if m.get("close"):
                 self.close()
             raise BoardError(str(m.get("code", "error")), str(m.get("message", "")), self.address)
-        if reply.type != mtype or not reply.flags & FLAG_REPLY or reply.request_id != self._rid:
+        if reply.type != mtype or not reply.flags & FLAG_REPLY or reply.request_id != rid:
             self.close()
             raise BoardError("connection", "reply does not match the request", self.address)
         parts = {}
-        for name, (desc, buf) in reply.parts.items():
-            parts[name] = part_array(desc, buf) if "dtype" in desc else bytes(buf)
+        try:
+            for name, (desc, buf) in reply.parts.items():
+                parts[name] = part_array(desc, buf) if "dtype" in desc else bytes(buf)
+        except ProtocolError as err:
+            raise BoardError("connection", f"bad reply: {err}", self.address) from None
         return reply.meta, parts
 
     # -- the four requests
     def hello(self) -> dict:
+        """The agent's HELLO reply (a new connection's own first HELLO, or a new one)."""
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            if self._hello is not None:
+                h, self._hello = self._hello, None
+                return h
         return self.request(HELLO, {"client": "fedfinn-host"})[0]
 
     def upload_testset(self, images: np.ndarray, labels: np.ndarray) -> dict:
@@ -175,6 +230,14 @@ class BoardClient:
         if "predictions" in parts:
             res["predictions"] = parts["predictions"].astype(np.int64)
         return res
+
+
+def _as_board_error(err: Exception, client: BoardClient) -> BoardError:
+    if isinstance(err, socket.timeout):
+        return BoardError("timeout", f"no reply within {client.timeout:g} s", client.address)
+    if isinstance(err, ProtocolError):
+        return BoardError("connection", f"bad reply: {err}", client.address)
+    return BoardError("connection", f"{type(err).__name__}: {err}", client.address)
 
 
 # ----------------------------------------------------------------------------- weights of a round

@@ -47,6 +47,15 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+def _hdr(mtype=P.HELLO, meta=b"", plen=0, magic=P.MAGIC, version=P.VERSION, flags=0, rid=1, mlen=None):
+    return P.HEADER.pack(magic, version, mtype, flags, rid, len(meta) if mlen is None else mlen, plen) + meta
+
+
+def _hello_msg(token: str | None = None, rid: int = 1) -> bytes:
+    """The bytes of a connection's first HELLO."""
+    return _hdr(P.HELLO, json.dumps({} if token is None else {"token": token}).encode(), rid=rid)
+
+
 # ----------------------------------------------------------------------------- agent processes
 
 
@@ -140,7 +149,7 @@ def test_header_layout_and_roundtrip():
         n = P.send_message(a, P.UPLOAD_TESTSET, {"parts": parts, "k": [1, "é"]}, bufs, request_id=7)
         raw = b.recv(24, socket.MSG_PEEK)
         magic, ver, typ, flags, rid, mlen, plen = struct.unpack("!4sBBHIIQ", raw)
-        assert (magic, ver, typ, flags, rid) == (b"FFNB", 1, 2, 0, 7) and plen == 12 + 9 and n == 24 + mlen + plen
+        assert (magic, ver, typ, flags, rid) == (b"FFNB", 2, 2, 0, 7) and plen == 12 + 9 and n == 24 + mlen + plen
         msg = P.read_message(b)
         assert msg.meta["k"] == [1, "é"] and set(msg.parts) == {"images", "x.dat"}
         arr = P.part_array(*msg.parts["images"])
@@ -212,7 +221,8 @@ def test_full_cycle_results_and_errors(synthetic):
             c.upload_testset(x[:, :16], y)
         # the connection is still good after errors that keep the stream in sync
         assert c.hello()["weights"]["round"] == 4
-    assert synthetic.stats["ok"] == 5 and synthetic.stats["errors"] == 5
+    # ok: the connection's first HELLO, upload, set, 2 x evaluate, hello
+    assert synthetic.stats["ok"] == 6 and synthetic.stats["errors"] == 5 and synthetic.stats["authenticated"] == 1
 
 
 def test_clients_that_vanish_or_stall_do_not_block_others(synthetic):
@@ -220,12 +230,12 @@ def test_clients_that_vanish_or_stall_do_not_block_others(synthetic):
     x = _data(400)
     y = SyntheticBackend.expected(x, 0)
     stalled = socket.create_connection((h, p))
-    stalled.sendall(P.HEADER.pack(P.MAGIC, 1, P.UPLOAD_TESTSET, 0, 1, 0, 10_000)[:10])  # half a header, then nothing
+    stalled.sendall(_hello_msg() + _hdr(P.UPLOAD_TESTSET, plen=10_000)[:10])  # half a header, then nothing
     for _ in range(3):  # a client that dies mid-payload, three times
         s = socket.create_connection((h, p))
         parts, bufs = P.make_parts([("images", x), ("labels", y)])
         meta = P.encode_meta({"parts": parts})
-        s.sendall(P.HEADER.pack(P.MAGIC, 1, P.UPLOAD_TESTSET, 0, 1, len(meta), x.nbytes + y.nbytes) + meta)
+        s.sendall(_hello_msg() + _hdr(P.UPLOAD_TESTSET, meta, x.nbytes + y.nbytes))
         s.sendall(bytes(bufs[0])[: x.nbytes // 3])
         s.close()
     time.sleep(0.2)
@@ -235,8 +245,9 @@ def test_clients_that_vanish_or_stall_do_not_block_others(synthetic):
         c.set_weights({"synthetic.dat": b"0\n"})
         assert c.evaluate()["accuracy"] == 1.0
         assert time.time() - t0 < 2.0
-    time.sleep(2.5)  # the stalled one hits the read timeout
+    time.sleep(2.5)  # the stalled one hits its message's deadline
     stalled.settimeout(5)
+    assert P.read_message(stalled, reply=True).type == P.HELLO
     reply = P.read_message(stalled, reply=True)
     assert reply.type == P.ERROR and reply.meta["code"] == "timeout" and reply.meta["close"]
     stalled.close()
@@ -245,18 +256,24 @@ def test_clients_that_vanish_or_stall_do_not_block_others(synthetic):
 
 
 def test_connection_limit_answers_busy(synthetic):
+    """Authenticated connections beyond max_connections get busy; unauthenticated ones never take a slot."""
     h, p = synthetic.address
-    held = [socket.create_connection((h, p)) for _ in range(4)]
-    time.sleep(0.2)
-    extra = socket.create_connection((h, p))
-    extra.settimeout(5)
-    reply = P.read_message(extra, reply=True)
-    assert reply.type == P.ERROR and reply.meta["code"] == "busy"
-    for s in held + [extra]:
-        s.close()
+    silent = [socket.create_connection((h, p)) for _ in range(6)]
+    held = [BoardClient(h, p, timeout=5) for _ in range(4)]
+    for c in held:
+        assert c.hello()["protocol"] == 2
+    with pytest.raises(BoardError, match="busy"):
+        BoardClient(h, p, timeout=5).hello()
+    assert synthetic.connections["authenticated"] == 4
+    for c in held[:1]:
+        c.close()
     time.sleep(0.3)
     with BoardClient(h, p, timeout=5) as c:
-        assert c.hello()["protocol"] == 1
+        assert c.hello()["protocol"] == 2
+    for c in held[1:]:
+        c.close()
+    for s in silent:
+        s.close()
 
 
 def test_measure_round_never_raises(synthetic, tmp_path):
@@ -417,17 +434,189 @@ def test_board_backend_refuses_words_the_driver_cannot_take(tmp_path, monkeypatc
         agent.shutdown()
 
 
+# ----------------------------------------------------------------------------- attacker review: the agent
+
+
+@pytest.fixture()
+def guarded():
+    """An agent with a token, short deadlines and small pools."""
+    agent = Agent(SyntheticBackend(), port=0, token=TOKEN, read_timeout=1.0, auth_timeout=1.5, max_connections=2,
+                  max_pending=4, limits=P.Limits(max_testset=256 * 2**20))
+    agent.start()
+    yield agent
+    agent.shutdown()
+
+
+def test_silent_peers_cannot_lock_the_host_out(guarded):
+    """Finding 2: silent connections without the token fill only the pending pool (the oldest is
+    evicted by each new one) and are closed at the auth deadline; the host gets in at once."""
+    h, p = guarded.address
+    silent = [socket.create_connection((h, p)) for _ in range(12)]
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    for _ in range(3):
+        with BoardClient(h, p, token=TOKEN, timeout=5) as c:
+            assert c.hello()["token_required"]
+            assert c.hello()["limits"]["max_pending"] == 4
+    assert time.monotonic() - t0 < 1.5
+    assert guarded.stats["busy"] == 0 and guarded.stats["evicted"] >= 12 - 4 + 1  # the host evicted one itself
+    time.sleep(2.0)  # those still pending hit the auth deadline
+    for s in silent:
+        s.settimeout(3)
+        assert s.recv(100) == b""  # closed by the agent, nothing sent to them
+        s.close()
+    assert guarded.connections == {"pending": 0, "authenticated": 0}
+    assert guarded.stats["auth_timeout"] >= 1
+
+
+def _drip(sock: socket.socket, data: bytes, every: float, limit: float) -> tuple[float, bytes]:
+    """Send ``data`` one byte every ``every`` s until the agent answers (or ``limit`` s):
+    (seconds until then, what came back)."""
+    import select
+
+    t0 = time.monotonic()
+    for b in data:
+        try:
+            sock.sendall(bytes([b]))
+        except OSError:
+            break
+        if select.select([sock], [], [], every)[0] or time.monotonic() - t0 > limit:
+            break
+    sock.settimeout(limit)
+    try:
+        got = sock.recv(4096)
+    except OSError:
+        got = b""
+    return time.monotonic() - t0, got
+
+
+def test_a_message_has_a_deadline_not_a_timeout_per_read(guarded):
+    """Finding 2: one byte every 0.25 s (a read timeout of 1 s never fires) is cut at the
+    message's deadline, before and after authentication."""
+    h, p = guarded.address
+    s = socket.create_connection((h, p))  # before the HELLO: auth_timeout 1.5 s from the accept
+    dt, got = _drip(s, _hello_msg(TOKEN), 0.25, 8.0)
+    s.close()
+    assert got[:4] == P.MAGIC and got[5] == P.ERROR and b'"timeout"' in got and dt < 2.5, (dt, got[:80])
+    s = socket.create_connection((h, p))  # authenticated, then an EVALUATE header that drips
+    s.sendall(_hello_msg(TOKEN))
+    s.settimeout(5)
+    assert P.read_message(s, reply=True).type == P.HELLO
+    dt, got = _drip(s, _hdr(P.EVALUATE, json.dumps({"limit": 1}).encode()), 0.25, 8.0)
+    s.close()
+    assert got[:4] == P.MAGIC and got[5] == P.ERROR and b'"timeout"' in got and dt < 2.0, (dt, got[:80])
+    assert guarded.stats["timeout"] == 2
+
+
+def test_unauthenticated_claims_are_refused_from_the_header():
+    """Finding 2: a 24-byte header claiming a 256 MiB upload (4 connections at once), or a HELLO with
+    a payload or oversized metadata, is refused at once; nothing of the claim is allocated."""
+    import tracemalloc
+
+    guarded = Agent(SyntheticBackend(), port=0, token=TOKEN, read_timeout=1.0, auth_timeout=1.5, max_pending=16,
+                    limits=P.Limits(max_testset=256 * 2**20))
+    guarded.start()
+    h, p = guarded.address
+    tok = json.dumps({"token": TOKEN}).encode()
+    claims = [(_hdr(P.UPLOAD_TESTSET, tok, 256 * 2**20), "unauthorized")] * 4 + [
+        (_hdr(P.SET_WEIGHTS, tok, 64 * 2**20), "unauthorized"), (_hdr(P.HELLO, tok, 2**20), "too_large"),
+        (_hdr(P.HELLO, b"", 0, mlen=P.MAX_HELLO_META + 1), "too_large"), (_hdr(P.HELLO, b"", 0, mlen=2**32 - 1), "too_large")]
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        socks = [socket.create_connection((h, p), timeout=5) for _ in claims]
+        t0 = time.monotonic()
+        for s, (data, _) in zip(socks, claims):
+            s.sendall(data)
+        replies = [P.read_message(s, reply=True) for s in socks]
+        dt = time.monotonic() - t0
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    for s in socks:
+        s.close()
+    assert [(r.type, r.meta["code"], r.meta["close"]) for r in replies] == [(P.ERROR, c, True) for _, c in claims]
+    assert dt < 0.9  # from the header: no waiting for a body (the read timeout is 1 s)
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB allocated for claims"
+    with BoardClient(h, p, token=TOKEN, timeout=5) as c:
+        assert c.hello()["stats"]["auth_failed"] == len(claims)
+    guarded.shutdown()
+
+
+def _fake_agent(reply: bytes, read_first: bool = True):
+    """A listening socket whose every connection gets ``reply`` (after reading one request); closes."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if read_first:
+                        P.read_message(conn)
+                    conn.sendall(reply)
+                    time.sleep(0.1)
+                except Exception:
+                    pass
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1], stop
+
+
+def test_the_host_bounds_what_it_reads_from_a_board():
+    """Finding 3: reply headers claiming 2^30, 2^40, 2^63 payload bytes (or 4 GiB of metadata, a
+    payload on a reply that has none, an unknown type) give BoardError at once; nothing is allocated."""
+    import tracemalloc
+
+    def head(mtype=P.HELLO, mlen=2, plen=0, flags=P.FLAG_REPLY):
+        return P.HEADER.pack(P.MAGIC, P.VERSION, mtype, flags, 1, mlen, plen) + b"{}"
+
+    cases = [head(plen=2**30), head(plen=2**40), head(plen=2**63), head(plen=2**64 - 1), head(mlen=2**32 - 1),
+             head(P.ERROR, plen=10), head(77), head(P.EVALUATE, plen=P.DEFAULT_MAX_REPLY_PAYLOAD + 1)]
+    tracemalloc.start()
+    try:
+        for reply in cases:
+            port, stop = _fake_agent(reply)
+            try:
+                base = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                t0 = time.monotonic()
+                with pytest.raises(BoardError) as e:
+                    BoardClient("127.0.0.1", port, token="t", timeout=5).hello()
+                assert time.monotonic() - t0 < 3.0
+                assert tracemalloc.get_traced_memory()[1] - base < 4 * 2**20, (reply[:24], e.value)
+                assert e.value.code == "connection" and ("too_large" in e.value.message or "bad_type" in
+                                                         e.value.message), e.value
+            finally:
+                stop.set()
+    finally:
+        tracemalloc.stop()
+
+
 # ----------------------------------------------------------------------------- fuzz
 
 
-def _hdr(mtype=P.HELLO, meta=b"", plen=0, magic=P.MAGIC, version=P.VERSION, flags=0, rid=1, mlen=None):
-    return P.HEADER.pack(magic, version, mtype, flags, rid, len(meta) if mlen is None else mlen, plen) + meta
-
-
-def _exchange(addr, data: bytes, close_after_send=False, timeout=5.0):
-    """Send raw bytes; return the reply (type, meta) or None if the agent closed / nothing came."""
+def _exchange(addr, data: bytes, close_after_send=False, timeout=5.0, auth=False):
+    """Send raw bytes (``auth``: after a good HELLO with the token); return the reply (type, meta)
+    or None if the agent closed / nothing came."""
     s = socket.create_connection(addr, timeout=timeout)
     try:
+        if auth:
+            s.sendall(_hello_msg(TOKEN))
+            if not close_after_send:
+                h = P.read_message(s, P.Limits(max_meta=1 << 20), reply=True)
+                assert h.type == P.HELLO, h.meta
         s.sendall(data)
         if close_after_send:
             return None
@@ -453,10 +642,10 @@ def test_fuzz_malformed_requests(blocked_agent):
     sent = {}
     codes = {}
 
-    def expect(category, data, code, close):
+    def expect(category, data, code, close, auth=False):
         sent[category] = sent.get(category, 0) + 1
         for _ in range(50):
-            r = _exchange(addr, data)
+            r = _exchange(addr, data, auth=auth)
             assert r is not None, f"{category}: no reply"
             typ, meta, s = r
             if meta.get("code") != "busy":
@@ -474,32 +663,39 @@ def test_fuzz_malformed_requests(blocked_agent):
         finally:
             s.close()
 
-    def vanish(category, data):
+    def vanish(category, data, auth=False):
         sent[category] = sent.get(category, 0) + 1
-        _exchange(addr, data, close_after_send=True)
+        _exchange(addr, data, close_after_send=True, auth=auth)
 
     for _ in range(80):  # truncated headers: 1..23 bytes of a header, then the client leaves
         vanish("truncated header", _hdr(meta=tok)[: rng.randint(1, 23)])
     for _ in range(40):  # bad magic
         expect("bad magic", bytes(rng.getrandbits(8) for _ in range(4)).replace(b"F", b"G") + _hdr(meta=tok)[4:],
                "bad_magic", True)
-    for v in [0, 2, 3, 17, 128, 255] * 5:  # other protocol versions
+    for v in [0, 1, 3, 17, 128, 255] * 5:  # other protocol versions (1: the old one, before HELLO-first)
         expect("bad version", _hdr(meta=tok, version=v), "bad_version", True)
-    for _ in range(40):  # huge declared lengths
+    for _ in range(40):  # huge declared lengths, on an authenticated connection
         k = rng.choice(["meta", "payload", "both"])
         mlen = rng.randint(P.DEFAULT_MAX_META + 1, 2**32 - 1) if k != "payload" else len(tok)
         plen = rng.randint(2**21, 2**64 - 1) if k != "meta" else 0
         mt = rng.choice([P.HELLO, P.UPLOAD_TESTSET, P.SET_WEIGHTS, P.EVALUATE])
-        expect("huge length", P.HEADER.pack(P.MAGIC, 1, mt, 0, 1, mlen, plen) + tok, "too_large", True)
+        expect("huge length", P.HEADER.pack(P.MAGIC, 2, mt, 0, 1, mlen, plen) + tok, "too_large", True, auth=True)
+    for _ in range(40):  # ... and as the first message: refused from the header, whatever the token
+        mlen, plen = rng.choice([(len(tok), rng.randint(1, 2**64 - 1)), (rng.randint(P.MAX_HELLO_META + 1, 2**32 - 1), 0)])
+        mt = rng.choice([P.HELLO, P.UPLOAD_TESTSET, P.SET_WEIGHTS, P.EVALUATE])
+        expect("huge length before HELLO", P.HEADER.pack(P.MAGIC, 2, mt, 0, 1, mlen, plen) + tok,
+               "too_large" if mt == P.HELLO else "unauthorized", True)
+    for mt in [P.UPLOAD_TESTSET, P.SET_WEIGHTS, P.EVALUATE] * 10:  # a request before the HELLO
+        expect("request before HELLO", _hdr(mtype=mt, meta=tok), "unauthorized", True)
     for mt in list(range(5, 40)) + [0, 100, 200, 254]:  # unknown message types
-        expect("bad type", _hdr(mtype=mt, meta=tok), "bad_type", False)
+        expect("bad type", _hdr(mtype=mt, meta=tok), "bad_type", False, auth=True)
     for f in [1, 2, 4, 0x8000, 0xFFFF] * 4:  # flag bits
-        expect("bad flags", _hdr(meta=tok, flags=f), "bad_flags", False)
+        expect("bad flags", _hdr(meta=tok, flags=f), "bad_flags", False, auth=True)
     bad_json = [b"{", b"[1,2]", b"\xff\xfe\x00", b'"str"', b"nan", b"{'a':1}", b"[" * 5000 + b"]" * 5000,
                 b'{"a":', b"\x00" * 10, b"null", b"123", b'{"token": "' + TOKEN.encode() + b'"']
     for _ in range(3):
         for j in bad_json:
-            expect("bad json", _hdr(meta=j), "bad_json", False)
+            expect("bad json", _hdr(meta=j), "bad_json", False, auth=True)
     for _ in range(40):  # wrong tokens
         t = rng.choice([None, "", "x", TOKEN[:-1], TOKEN + "0", 12, ["a"], TOKEN.upper()])
         meta = json.dumps({} if t is None else {"token": t}).encode()
@@ -537,16 +733,19 @@ def test_fuzz_malformed_requests(blocked_agent):
     ]
     for _ in range(3):
         for r in bad_requests:
-            expect("bad request", r, "bad_request", False)
+            expect("bad request", r, "bad_request", False, auth=True)
     for _ in range(5):
         expect("weights mismatch", req(P.SET_WEIGHTS, {"kind": "dat", "parts": [
-            {"name": "other.dat", "offset": 0, "size": 2}]}, b"1\n"), "weights_mismatch", False)
+            {"name": "other.dat", "offset": 0, "size": 2}]}, b"1\n"), "weights_mismatch", False, auth=True)
         expect("weights mismatch", req(P.SET_WEIGHTS, {"kind": "dat", "parts": [
-            {"name": "synthetic.dat", "offset": 0, "size": 2}]}, b"zz"), "weights_mismatch", False)
+            {"name": "synthetic.dat", "offset": 0, "size": 2}]}, b"zz"), "weights_mismatch", False, auth=True)
+        expect("weights mismatch", req(P.SET_WEIGHTS, {"kind": "dat", "parts": [
+            {"name": "synthetic.dat", "offset": 0, "size": 3}]}, b"-1\n"), "weights_mismatch", False, auth=True)
     for _ in range(40):  # clients that vanish mid-payload
         n = rng.randint(1000, 500_000)
-        m = json.dumps({"token": TOKEN, "parts": [{"name": "images", "offset": 0, "size": n}]}).encode()
-        vanish("disconnect mid-payload", _hdr(mtype=P.UPLOAD_TESTSET, meta=m, plen=n) + os.urandom(rng.randint(0, n - 1)))
+        m = json.dumps({"parts": [{"name": "images", "offset": 0, "size": n}]}).encode()
+        vanish("disconnect mid-payload", _hdr(mtype=P.UPLOAD_TESTSET, meta=m, plen=n) + os.urandom(rng.randint(0, n - 1)),
+               auth=True)
     for _ in range(80):  # random garbage
         vanish("random bytes", os.urandom(rng.randint(1, 300)))
     for _ in range(30):  # random garbage after a valid magic
@@ -566,7 +765,11 @@ def test_fuzz_malformed_requests(blocked_agent):
     print(f"\nfuzz: {total} malformed requests {json.dumps(sent)}; error replies by code {json.dumps(codes)};"
           f" agent counters {json.dumps(stats)}")
     assert stats["errors"] >= answered and stats["truncated"] >= sent["disconnect mid-payload"]
-    assert codes["bad_json"] == 3 * len(bad_json) and codes["unauthorized"] == 40
+    assert codes["bad_json"] == 3 * len(bad_json)
+    # bad tokens, requests before the HELLO, huge lengths after and before it: each refused, each counted
+    assert codes["unauthorized"] + codes["too_large"] == sent["bad token"] + sent["request before HELLO"] + \
+        sent["huge length"] + sent["huge length before HELLO"]
+    assert stats["auth_failed"] >= sent["bad token"] + sent["request before HELLO"] + sent["huge length before HELLO"]
 
 
 # ----------------------------------------------------------------------------- FINN builds (host side)
