@@ -49,6 +49,7 @@ from .protocol import (
 log = logging.getLogger("fedfinn.board")
 
 MAX_BATCH = 1 << 16
+WEIGHT_KINDS = ("dat", "values")
 
 
 class _Server(socketserver.TCPServer):
@@ -393,8 +394,8 @@ class Agent:
         rid = msg.request_id
         kind = msg.meta.get("kind")
         rnd = msg.meta.get("round")
-        if kind not in ("dat", "onnx"):
-            raise ProtocolError("bad_request", "kind must be 'dat' or 'onnx'", request_id=rid)
+        if kind not in WEIGHT_KINDS and kind != "onnx":
+            raise ProtocolError("bad_request", "kind must be 'dat' or 'values'", request_id=rid)
         if rnd is not None and (not isinstance(rnd, int) or isinstance(rnd, bool)):
             raise ProtocolError("bad_request", "round must be an integer", request_id=rid)
         if kind not in self.backend.accepts:
@@ -402,7 +403,10 @@ class Agent:
                                f" weights, not {kind!r}")
         if not msg.parts:
             raise ProtocolError("bad_request", "no weight files", request_id=rid)
-        files = {name: bytes(buf) for name, (_, buf) in msg.parts.items()}
+        if kind == "values":  # named float32 arrays (part_array checks dtype, shape and size)
+            files = {name: np.array(part_array(desc, buf, rid)) for name, (desc, buf) in msg.parts.items()}
+        else:
+            files = {name: bytes(buf) for name, (_, buf) in msg.parts.items()}
         t0 = time.perf_counter()
         with self._lock:
             try:

@@ -50,7 +50,7 @@ Requests (client -> agent) and their replies (same type, REPLY flag):
     meta: ``{"token"?, "client"?}``. Reply: ``protocol``, ``agent`` (version),
     ``backend`` (``kind``: board | emulate-bitexact | emulate-fast | synthetic;
     ``mode``: the human-readable label; ``bit_exact``: bool), ``accepts``
-    (weight kinds: ``"dat"`` and/or ``"onnx"``), ``input`` (``shape`` of one
+    (weight kinds: ``"dat"`` or ``"values"``), ``input`` (``shape`` of one
     image, ``dtype``), ``weight_files`` (names a ``dat`` update must hold),
     ``testset`` (``id``, ``images``; null before an upload), ``weights``
     (``id``, ``round``, ``source``), ``limits``, ``stats`` (request counters).
@@ -61,14 +61,18 @@ Requests (client -> agent) and their replies (same type, REPLY flag):
     ``(n,)``). Replaces the agent's test set. Reply: ``testset`` (``id`` =
     :func:`testset_id`, ``images``).
 ``SET_WEIGHTS`` (3)
-    meta: ``{"kind": "dat" | "onnx", "round"?: int, "parts": [...]}``.
+    meta: ``{"kind": "dat" | "values", "round"?: int, "parts": [...]}``.
     ``dat``: one part per runtime-weight file, named as FINN's driver generator
     names them (``<partition>_<n>_<layer>.dat``; the bytes exactly as written
     to ``runtime_weights/``), the complete set the agent lists in
-    ``weight_files``. ``onnx``: one part ``model.onnx`` (the round's QONNX
-    export; the fast emulator only). All files are checked before any is
-    applied. Reply: ``weights`` (``id`` = sha256 of the parts, ``round``),
-    ``seconds``.
+    ``weight_files``. ``values`` (the fast emulator only): one float32 array
+    part per parameter of the build's input-stage model (``step_preprocess_io``:
+    input stage + network + TopK), named as its initializers, with their exact
+    shapes: every float32 initializer but the quantizers' bit widths. The
+    agent runs only the graph of its own build; an update changes values,
+    never the graph (an ONNX model is not accepted). All files / values are
+    checked before any is applied. Reply: ``weights`` (``id`` = sha256 of the
+    parts, ``round``), ``seconds``.
 ``EVALUATE`` (4)
     meta: ``{"batch_size"?: int, "limit"?: int, "predictions"?: bool}``.
     Runs the first ``limit`` (default all) test images through the accelerator
@@ -110,7 +114,8 @@ Versioning: a change that old peers cannot follow gets a new ``version``; an
 agent answers a version it does not speak with ``bad_version`` (meta
 ``supported``) and closes. New optional metadata keys do not change the version.
 Version 2 (this) against 1: the HELLO-first session (the token travels in the
-HELLO only) and per-message deadlines; the frame layout is unchanged.
+HELLO only), per-message deadlines, ``float32`` array parts and the ``values``
+weight kind in place of ``onnx``; the frame layout is unchanged.
 """
 
 from __future__ import annotations
@@ -153,7 +158,7 @@ MAX_HELLO_META = 4096
 MAX_REPLY_META = 2**20
 DEFAULT_MAX_REPLY_PAYLOAD = 64 * 2**20
 
-ARRAY_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64")
+ARRAY_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float32")
 
 ERROR_CODES = {
     "bad_magic": "the first 4 bytes are not b'FFNB'",
@@ -245,7 +250,7 @@ def make_parts(items: list[tuple[str, bytes | bytearray | memoryview | np.ndarra
     for name, data in items:
         d: dict = {"name": name, "offset": off}
         if isinstance(data, np.ndarray):
-            arr = np.ascontiguousarray(data)
+            arr = data if data.flags.c_contiguous else np.ascontiguousarray(data)  # keeps 0-d arrays 0-d
             dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
             arr = arr.astype(dt, copy=False)
             if arr.dtype.name not in ARRAY_DTYPES:
@@ -461,7 +466,7 @@ def part_array(desc: dict, buf: memoryview, rid: int = 0) -> np.ndarray:
     name = desc.get("name")
     if dt not in ARRAY_DTYPES:
         raise ProtocolError("bad_request", f"part {name!r}: dtype must be one of {ARRAY_DTYPES}", request_id=rid)
-    if not isinstance(shape, list) or not 1 <= len(shape) <= 8 or not all(
+    if not isinstance(shape, list) or not 0 <= len(shape) <= 8 or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**40 for s in shape):
         raise ProtocolError("bad_request", f"part {name!r}: bad shape", request_id=rid)
     dtype = np.dtype(dt).newbyteorder("<")

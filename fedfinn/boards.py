@@ -4,7 +4,8 @@
   ``set_weights``, ``evaluate`` (raises :class:`BoardError` on an error reply).
 * :func:`measure_round` - what the federated server calls after a round:
   prepares the round's weights once (runtime-weight files for boards and the
-  bit-exact emulator, the QONNX model for fast emulators), then for every board
+  bit-exact emulator; for fast emulators the parameter values of the build's
+  input-stage model, :func:`input_stage_values`), then for every board
   in parallel: upload the test set if the board does not hold it yet, send the
   weights, evaluate. Never raises: a board that is unreachable or fails gets an
   entry with ``ok: false``, the ``stage`` that failed and the ``error``.
@@ -31,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 
+from client_pynq.fastonnx import round_values
 from client_pynq.protocol import (
     ERROR, EVALUATE, FLAG_REPLY, HELLO, SET_WEIGHTS, UPLOAD_TESTSET, ConnectionClosed, ProtocolError, make_parts,
     part_array, read_message, reply_limits, send_message, testset_id,
@@ -213,11 +214,13 @@ class BoardClient:
         return self.request(UPLOAD_TESTSET, {}, [("images", np.ascontiguousarray(images)),
                                                 ("labels", np.ascontiguousarray(labels).astype(np.int64))])[0]
 
-    def set_weights(self, files: dict[str, bytes], kind: str = "dat", server_round: int | None = None) -> dict:
+    def set_weights(self, files: dict, kind: str = "dat", server_round: int | None = None) -> dict:
+        """``files``: ``{name: bytes}`` (``dat``) or ``{name: float32 array}`` (``values``)."""
         meta = {"kind": kind}
         if server_round is not None:
             meta["round"] = int(server_round)
-        return self.request(SET_WEIGHTS, meta, [(n, bytes(files[n])) for n in sorted(files)])[0]
+        items = [(n, files[n] if isinstance(files[n], np.ndarray) else bytes(files[n])) for n in sorted(files)]
+        return self.request(SET_WEIGHTS, meta, items)[0]
 
     def evaluate(self, batch_size: int | None = None, limit: int | None = None, predictions: bool = False) -> dict:
         meta: dict = {"predictions": bool(predictions)}
@@ -254,13 +257,27 @@ def load_weight_files(path: str | os.PathLike) -> dict[str, bytes]:
     return files
 
 
+def input_stage_values(build: str | os.PathLike, qonnx: str | os.PathLike) -> dict[str, np.ndarray]:
+    """What a fast-emulation board takes for the round's QONNX model ``qonnx``: the build's own
+    first step (``hw.build.step_preprocess_io`` with the build's configuration, so names and shapes
+    are the build's), then :func:`client_pynq.fastonnx.round_values` - the rule the agent holds
+    an update against."""
+    from hw.build import step_preprocess_io  # finn-plus is optional (make install-hw)
+    from hw.weights import load_config
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    model = step_preprocess_io(ModelWrapper(str(qonnx)), load_config(build))
+    return round_values(model.model)
+
+
 class RoundWeights:
     """The weights of one round in the forms the boards ask for (made once, on demand).
 
     ``model``: ``{name: bytes}`` of ``.dat`` files; a folder of them (``hw weights``
     output); a QONNX ``.onnx`` file (the round's export); or a torch model
-    (exported to QONNX here). ``.dat`` files from a QONNX model need ``build``
-    (``hw.weights.update_weights``)."""
+    (exported to QONNX here). ``dat`` files and ``values`` (fast emulators) from a
+    QONNX model need ``build`` (``hw.weights.update_weights``,
+    :func:`input_stage_values`)."""
 
     def __init__(self, model, build: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
                  server_round: int | None = None):
@@ -268,7 +285,7 @@ class RoundWeights:
         self.build = Path(build) if build else None
         self.workdir = Path(workdir) if workdir else None
         self.server_round = server_round
-        self._made: dict[str, dict[str, bytes]] = {}
+        self._made: dict[str, dict] = {}
         self._errors: dict[str, str] = {}
         self.seconds: dict[str, float] = {}  # host-side steps (export_qonnx, hw_weights)
         self.seconds_kind: dict[str, float] = {}  # time to make each kind
@@ -304,8 +321,9 @@ class RoundWeights:
             raise ValueError("no QONNX model for this round (give a .onnx file or a torch model)")
         return self._qonnx_path
 
-    def get(self, kind: str) -> dict[str, bytes]:
-        """The files for ``kind`` ("dat" or "onnx"); raises with the reason."""
+    def get(self, kind: str) -> dict:
+        """The files for ``kind`` ("dat": ``{name: bytes}``, "values": ``{name: float32 array}``);
+        raises with the reason."""
         with self._lock:
             if kind in self._made:
                 return self._made[kind]
@@ -321,7 +339,7 @@ class RoundWeights:
             self.seconds_kind[kind] = round(time.perf_counter() - t0, 3)
             return files
 
-    def _make(self, kind: str) -> dict[str, bytes]:
+    def _make(self, kind: str) -> dict:
         m = self.model
         if kind == "dat":
             if isinstance(m, dict):
@@ -338,11 +356,17 @@ class RoundWeights:
                 res = update_weights(self.build, qonnx, self._dir() / "weights")
             self.seconds["hw_weights"] = round(time.perf_counter() - t0, 3)
             return load_weight_files(res["out_dir"])
-        if kind == "onnx":
+        if kind == "values":
             if isinstance(m, dict) or (isinstance(m, (str, os.PathLike)) and Path(m).is_dir()):
-                raise ValueError("a fast-emulation board needs the round's QONNX model, not weight files")
-            # onnx.load reads external tensor data (model.onnx.data) into the one file sent
-            return {"model.onnx": onnx.load(str(self._qonnx())).SerializeToString()}
+                raise ValueError("a fast-emulation board needs the round's model (QONNX or torch), not weight files")
+            if self.build is None:
+                raise ValueError("a fast-emulation board's values are named after the build's model: give build=...")
+            qonnx = self._qonnx()
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                values = input_stage_values(self.build, qonnx)
+            self.seconds["input_stage"] = round(time.perf_counter() - t0, 3)
+            return values
         raise ValueError(f"unknown weight kind {kind!r}")
 
 
@@ -361,7 +385,7 @@ def _hello(client: BoardClient, images: np.ndarray) -> tuple[dict, str]:
     """HELLO and the weight kind to send; raises BoardError."""
     hello = client.hello()
     accepts = hello.get("accepts") or []
-    kind = "dat" if "dat" in accepts else ("onnx" if "onnx" in accepts else None)
+    kind = "dat" if "dat" in accepts else ("values" if "values" in accepts else None)
     if kind is None:
         raise BoardError("unsupported", f"the board accepts no weight kind we can make ({accepts})")
     inp = hello.get("input", {})
@@ -399,7 +423,7 @@ def measure_board(client: BoardClient, weights: RoundWeights, images: np.ndarray
         t0 = time.perf_counter()
         client.set_weights(files, kind=kind, server_round=server_round)
         entry["seconds_weights"] = round(time.perf_counter() - t0, 4)
-        entry["weight_bytes"] = int(sum(len(v) for v in files.values()))
+        entry["weight_bytes"] = int(sum(v.nbytes if isinstance(v, np.ndarray) else len(v) for v in files.values()))
         stage = "evaluate"
         t0 = time.perf_counter()
         res = client.evaluate(batch_size=batch_size, limit=limit, predictions=predictions)

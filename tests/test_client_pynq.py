@@ -927,6 +927,107 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
     print("\n" + "\n".join(report) + f"\nrun wall time {wall:.1f} s")
 
 
+# ----------------------------------------------------------------------------- attacker review: the emulators
+
+
+def _hostile_models() -> dict[str, bytes]:
+    """The issue's two: a 399-byte-class model whose constant folding allocates 2^28 floats, and a
+    node whose domain names a module to import (``this`` prints on import)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    bomb = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+         helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
+        "bomb", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [helper.make_tensor("shape", TensorProto.INT64, [1], [2**28])])
+    imp = helper.make_graph(
+        [helper.make_node("Anything", ["x"], ["y"], domain="this")], "import",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [helper.make_tensor("x", TensorProto.FLOAT, [1], [1.0])])
+    return {name: helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("this", 1)]
+                                    ).SerializeToString() for name, g in (("bomb", bomb), ("import", imp))}
+
+
+@needs_finn
+def test_fast_emulator_runs_only_its_builds_graph_and_takes_checked_values(cnv_build, tmp_path):
+    """Finding 1: the fast emulator's graph is the build's own input-stage model (one copy of the
+    input stage: hw's step_preprocess_io); a peer - even one with the token - sends values, never a
+    graph: hostile ONNX is refused unread, and values are held against the build's names, dtype,
+    shapes and finiteness before anything runs. The host makes exactly what it accepts."""
+    import psutil
+    import onnx
+    import torch
+
+    from client_pynq.backends import FastEmulator
+    from client_pynq.buildfiles import find_step_model
+    from client_pynq.fastonnx import round_values
+    from export import to_qonnx
+    from fedfinn.boards import RoundWeights
+    from hw.build import find_intermediate
+    from training.task import make_model
+
+    cfg, build, _ = cnv_build
+    sys.modules.pop("this", None)
+    fe = FastEmulator(build, threads=1)
+    agent = Agent(fe, port=0, token=TOKEN)
+    agent.start()
+    x = _data(40)
+    proc = psutil.Process()
+    try:
+        with BoardClient(*agent.address, token=TOKEN, timeout=60) as c:
+            c.upload_testset(x, np.zeros(40, np.int64))
+            before = c.evaluate(predictions=True)["predictions"]
+            rss0 = proc.memory_info().rss
+            t0 = time.monotonic()
+            for blob in _hostile_models().values():
+                with pytest.raises(BoardError, match="unsupported"):
+                    c.set_weights({"model.onnx": blob}, kind="onnx")
+                with pytest.raises(BoardError, match="weights_mismatch"):
+                    c.set_weights({"model.onnx": np.frombuffer(blob, np.uint8)}, kind="values")
+            assert time.monotonic() - t0 < 5 and proc.memory_info().rss - rss0 < 256 * 2**20
+            assert "this" not in sys.modules
+            # its graph: the build's own step_preprocess_io model (the one input stage, hw's)
+            assert fe.model_path == find_intermediate(build, "step_preprocess_io") == \
+                find_step_model(build, "step_preprocess_io")
+            assert fe.accepts == ("values",) and "not bit-exact" in fe.mode
+            good = round_values(onnx.load(str(fe.model_path)))
+            name = max(good, key=lambda k: good[k].size)
+            bad = {
+                "missing": {k: v for k, v in good.items() if k != name},
+                "unknown": {**good, "extra": np.zeros(3, np.float32)},
+                "shape": {**good, name: good[name].reshape(-1)},
+                "bigger": {**good, name: np.zeros((2,) + good[name].shape, np.float32)},
+                "int32": {**good, name: good[name].astype(np.int32)},
+                "nan": {**good, name: np.where(np.arange(good[name].size).reshape(good[name].shape) == 7, np.nan,
+                                                good[name]).astype(np.float32)},
+                "inf": {**good, name: np.full(good[name].shape, np.inf, np.float32)},
+            }
+            wid = c.hello()["weights"]["id"]
+            for what, vals in bad.items():
+                with pytest.raises(BoardError, match="weights_mismatch"):
+                    c.set_weights(vals, kind="values")
+                assert c.hello()["weights"]["id"] == wid, what  # nothing applied
+            # a later round's model, made by the host as measure_round makes it
+            torch.manual_seed(3)
+            model = make_model(cfg)
+            with torch.no_grad():
+                for prm in model.parameters():
+                    prm.add_(torch.randn_like(prm) * 0.1)
+            to_qonnx(model, tmp_path / "round_009.onnx")
+            rw = RoundWeights(tmp_path / "round_009.onnx", build=build, workdir=tmp_path / "w")
+            vals = rw.get("values")
+            assert set(vals) == set(good) and all(vals[k].shape == good[k].shape for k in good)
+            assert c.set_weights(vals, kind="values", server_round=9)["weights"]["round"] == 9
+            after = c.evaluate(predictions=True)["predictions"]
+            assert not np.array_equal(before, after)
+            assert c.set_weights(good, kind="values")["weights"]["source"] == "values"
+            assert np.array_equal(c.evaluate(predictions=True)["predictions"], before)  # the build's values again
+        assert agent.stats["weights_mismatch"] == 2 + len(bad) and agent.stats["unsupported"] == 2
+    finally:
+        agent.shutdown()
+
+
 @needs_finn
 def test_bitexact_emulator_answers_weights_mismatch_for_bad_words(cnv_build):
     """Finding 4, the emulator's path: a .dat word -1 (or > 32 bits) is weights_mismatch."""
