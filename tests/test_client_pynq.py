@@ -1044,3 +1044,33 @@ def test_bitexact_emulator_answers_weights_mismatch_for_bad_words(cnv_build):
             b.set_weights("dat", {**good, name: b"\n".join(words)})
         assert e.value.code == "weights_mismatch", (bad, e.value.message)
     assert b.set_weights("dat", good)["layers"] == len(good)
+
+
+def test_attack_mix_while_the_host_measures(tmp_path):
+    """The short version of bench/agent_attack.py (synthetic backend, a few hundred requests):
+    silent, slow-drip, oversized claims, bad tokens, garbage and hostile ONNX (without and with the
+    token) from 2 processes x 8 threads while the host measures rounds back to back."""
+    out = tmp_path / "attack.json"
+    cmd = [sys.executable, str(REPO / "bench" / "agent_attack.py"), "--backend", "synthetic", "--requests", "320",
+           "--rounds", "5", "--round-gap", "0.2", "--images", "100", "--procs", "2", "--threads", "8", "--hold", "8",
+           "--auth-timeout", "2", "--read-timeout", "2", "--max-pending", "8", "--out", str(out)]
+    t0 = time.time()
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    a, h, m = res["attack"], res["host"], res["agent_memory"]
+    print(f"\n{out.with_suffix('.md').read_text()}\n(test wall time {time.time() - t0:.1f} s)")
+    assert a["requests"] >= 320 and set(a["by_kind"]) == {"silent", "slow_drip", "oversized", "bad_token", "garbage",
+                                                        "hostile_onnx", "hostile_insider"}
+    assert h["completed"] == h["rounds"] >= 5 and h["equal_to_quiet"] == h["rounds"]
+    assert h["attack_done_before_host_end"] and res["agent"]["alive_after"]
+    oc = a["outcomes"]
+    assert set(oc["silent"]) == {"closed"} and a["seconds_max"]["silent"] < 2 + 1.5  # evicted, or the auth deadline
+    assert not any(k.startswith(("completed", "still_open")) for k in oc["slow_drip"])
+    assert set(oc["oversized"]) <= {"unauthorized", "too_large"}
+    assert set(oc["bad_token"]) == {"unauthorized"}
+    assert set(oc["hostile_onnx"]) <= {"unauthorized", "reset"}
+    assert set(oc["hostile_insider"]) == {"unsupported"}  # the synthetic agent takes 'dat' only
+    assert m["rss_peak_under_attack_mib"] < m["rss_quiet_peak_mib"] + 128
+    assert res["agent"]["stats"]["auth_failed"] >= a["by_kind"]["bad_token"] + a["by_kind"]["oversized"]
