@@ -308,6 +308,14 @@ def measure(addr, model, x, y, args, r) -> dict:
                          server_round=r, timeout=args.host_timeout, batch_size=100)[0]
 
 
+def build_info(build) -> dict | None:
+    if not build:
+        return None
+    rec = json.loads((Path(build) / "build_config.json").read_text())
+    return {k: rec.get(k) for k in ("name", "board", "dataset", "steps")} | {
+        "model": Path(rec["model_path"]).name, "steps": len(rec.get("steps") or [])}
+
+
 def pct(v, q):
     return round(float(np.percentile(v, q)), 3) if len(v) else None
 
@@ -343,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         proc, addr = start_agent(args, work)
         sampler = Sampler(proc.pid)
         sampler.start()
+        time.sleep(0.2)
+        rss_start = sampler.samples[0][1] if sampler.samples else None
         try:
             models = round_models(args, work)
             # quiet: each distinct model once (the reference the attacked rounds must equal)
@@ -434,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {
         "what": "board agent under an attack mix while a legitimate host measures rounds (bench/agent_attack.py)",
         "backend": args.backend, "build": str(args.build) if args.build else None,
+        "build_info": build_info(args.build), "models": [m.name for m in models if isinstance(m, Path)],
         "agent": {"auth_timeout_s": args.auth_timeout, "read_timeout_s": args.read_timeout,
                   "max_pending": args.max_pending, "max_connections": args.max_connections, "alive_after": alive,
                   "stats": stats},
@@ -451,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                  "started_after_attack_s": round(t_h0 - t_a0, 2), "attack_done_before_host_end": bool(
                      finished and max(finished) <= t_h1),
                  "images": int(len(x))},
-        "agent_memory": {"rss_quiet_peak_mib": round(rss_quiet / 2**20, 1),
+        "agent_memory": {"rss_start_mib": round(rss_start / 2**20, 1) if rss_start else None,
+                         "rss_quiet_peak_mib": round(rss_quiet / 2**20, 1),
                          "rss_peak_mib": round(max(rss) / 2**20, 1) if rss else None,
                          "rss_peak_under_attack_mib": round(max(attack_rss) / 2**20, 1) if attack_rss else None,
                          "rss_p50_under_attack_mib": round(float(np.median(attack_rss)) / 2**20, 1) if attack_rss else None,
@@ -472,10 +484,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(res: dict) -> str:
     a, h, m, mc = res["attack"], res["host"], res["agent_memory"], res["machine"]
+    under = "under attack" if a["requests"] else "(control: no attack, --requests 0)"
     lines = [
         "# Board agent under attack (bench/agent_attack.py)",
         "",
-        f"Backend `{res['backend']}`{' on ' + res['build'] if res['build'] else ''}; agent defaults "
+        f"Backend `{res['backend']}`"
+        f"{' on the build of ' + str(res['build_info']) if res['build_info'] else ''}"
+        f"{'; round models ' + ', '.join(res['models']) if res['models'] else ''}; agent settings "
         f"(auth_timeout {res['agent']['auth_timeout_s']} s, read_timeout {res['agent']['read_timeout_s']} s, "
         f"max_pending {res['agent']['max_pending']}, max_connections {res['agent']['max_connections']}).",
         f"Machine: {mc['cpus']} CPUs, load average {mc['loadavg_before'][0]} before / {mc['loadavg_after'][0]} after "
@@ -494,11 +509,12 @@ def markdown(res: dict) -> str:
     lines += [
         "",
         f"**Host**: {h['completed']}/{h['rounds']} rounds completed, {h['equal_to_quiet']} with the quiet "
-        f"accuracy; per round {h['seconds_total_p50']} s median, {h['seconds_total_max']} s max under attack "
+        f"accuracy; per round {h['seconds_total_p50']} s median, {h['seconds_total_max']} s max {under} "
         f"(quiet: {', '.join(str(v) for v in h['quiet_seconds_total'])} s); {h['images']} images per round.",
         "",
-        f"**Agent memory**: RSS peak {m['rss_peak_under_attack_mib']} MiB under attack (median "
-        f"{m['rss_p50_under_attack_mib']} MiB; quiet peak {m['rss_quiet_peak_mib']} MiB); threads peak "
+        f"**Agent memory**: RSS peak {m['rss_peak_under_attack_mib']} MiB {under} (median "
+        f"{m['rss_p50_under_attack_mib']} MiB; at start {m['rss_start_mib']} MiB, quiet peak "
+        f"{m['rss_quiet_peak_mib']} MiB); threads peak "
         f"{m['threads_peak']}; alive after: {res['agent']['alive_after']}.",
         "",
     ]
