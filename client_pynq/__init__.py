@@ -6,7 +6,7 @@ accelerator and reports accuracy, images/s, latency and power.
   ``--emulate BUILD [--mode fast]`` (on the host): :mod:`client_pynq.agent`;
 * the protocol (versioned, length-prefixed, JSON + raw bytes): :mod:`client_pynq.protocol`;
 * what computes: :mod:`client_pynq.backends` (board / bit-exact emulator / fast emulator);
-* the host side: :mod:`client_pynq.host` (``BoardClient``, ``measure_round``).
+* the host side: :mod:`fedfinn.boards` (``BoardClient``, ``measure_round``), outside this package.
 
 Importing this package, the protocol, the agent, the backends and the host
 client needs only the standard library and numpy (>= 1.21, < 2 works): a PYNQ
@@ -15,4 +15,4 @@ board backend only; the emulators import onnx/qonnx/onnxruntime/finn lazily.
 See docs/board.md.
 """
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"

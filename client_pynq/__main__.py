@@ -38,10 +38,11 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     backend = make_backend(args)
     limits = Limits(max_meta=int(args.max_meta_kib * 1024), max_testset=int(args.max_testset_mib * 2**20),
-                    max_weights=int(args.max_weights_mib * 2**20))
+                    max_weights=int(args.max_weights_mib * 2**20), min_rate=args.min_rate_kib * 1024)
     agent = Agent(backend, host=args.host, port=args.port, token=_token(args), limits=limits,
                   idle_timeout=args.idle_timeout, read_timeout=args.read_timeout,
-                  max_connections=args.max_connections, exit_after_idle=args.exit_after_idle)
+                  max_connections=args.max_connections, exit_after_idle=args.exit_after_idle,
+                  auth_timeout=args.auth_timeout, max_pending=args.max_pending)
     host, port = agent.address
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
@@ -81,9 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-meta-kib", type=float, default=64)
     s.add_argument("--max-testset-mib", type=float, default=256)
     s.add_argument("--max-weights-mib", type=float, default=64)
-    s.add_argument("--read-timeout", type=float, default=30.0, help="seconds without a byte inside a message before it is dropped")
-    s.add_argument("--idle-timeout", type=float, default=300.0, help="close a silent connection after this")
-    s.add_argument("--max-connections", type=int, default=4)
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a message may take (plus its length at --min-rate-kib), from its first byte")
+    s.add_argument("--min-rate-kib", type=float, default=1024.0,
+                   help="KiB/s a message's deadline grants for its length beyond --read-timeout")
+    s.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close an authenticated connection silent between messages after this")
+    s.add_argument("--auth-timeout", type=float, default=10.0,
+                   help="seconds from accept until the first HELLO (with the token) must have arrived")
+    s.add_argument("--max-connections", type=int, default=4, help="authenticated connections at once")
+    s.add_argument("--max-pending", type=int, default=16,
+                   help="connections not yet through their HELLO; a new one evicts the oldest")
     s.add_argument("--exit-after-idle", type=float, default=0.0,
                    help="stop when no connection and no request for this many seconds (0 = never)")
     s.add_argument("--state-dir", default=None, help="board: where received weight files are staged")

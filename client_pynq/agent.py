@@ -1,9 +1,21 @@
 """The board agent: serves the protocol of :mod:`client_pynq.protocol` over TCP.
 
-One thread per connection (``socketserver``), at most ``max_connections`` at
-once; the accelerator itself is used by one request at a time (a lock), so a
-slow or stalled client never blocks the others for longer than one
-accelerator request, and never at all while it is still sending.
+One thread per connection; the accelerator itself is used by one request at a
+time (a lock), so a slow or stalled client never blocks the others for longer
+than one accelerator request, and never at all while it is still sending.
+
+Who gets in (protocol version 2): a connection is *pending* until its first
+message, a HELLO of at most ``MAX_HELLO_META`` bytes with the token, has
+arrived (within ``auth_timeout`` of the accept) and passed; only then is it
+*authenticated*. Pending connections have a pool of their own
+(``max_pending``): a new connection that finds it full evicts the oldest
+pending one, so silent or dripping peers without the token can neither hold
+the agent nor keep the legitimate host out; they never occupy one of the
+``max_connections`` slots of authenticated connections. Before the HELLO has
+passed, the agent reads nothing but that HELLO: a first message of any other
+type or size is refused from its 24-byte header. Every message has a deadline
+of its own (``read_timeout`` plus its length at ``min_rate``), not a timeout
+per read.
 
 Robustness: every malformed request gets an ``ERROR`` reply (unless the peer
 is gone) and is counted in ``stats`` by error code; the connection is closed
@@ -16,41 +28,74 @@ Standard library + numpy; the backend decides what else is imported.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import socketserver
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import numpy as np
 
 from . import __version__
 from .backends import Backend, BackendError
 from .protocol import (
-    EVALUATE, FLAG_REPLY, HELLO, REQUEST_TYPES, SET_WEIGHTS, UPLOAD_TESTSET, VERSION, ConnectionClosed, Limits,
-    Message, ProtocolError, make_parts, part_array, read_message, send_error, send_message, testset_id, token_ok,
-    weights_id,
+    EVALUATE, FLAG_REPLY, HELLO, REQUEST_TYPES, SET_WEIGHTS, UPLOAD_TESTSET, VERSION,
+    ConnectionClosed, Limits, Message, ProtocolError, make_parts, part_array, read_message, send_error,
+    send_message, testset_id, token_ok, weights_id,
 )
 
 log = logging.getLogger("fedfinn.board")
 
 MAX_BATCH = 1 << 16
+WEIGHT_KINDS = ("dat", "values")
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class _Server(socketserver.TCPServer):
     allow_reuse_address = True
-    daemon_threads = True
     request_queue_size = 128  # a burst of short connections must not overflow the accept queue
 
     def __init__(self, addr, agent):
         self.agent = agent
-        super().__init__(addr, _Handler)
+        super().__init__(addr, socketserver.BaseRequestHandler)
+
+    def process_request(self, request, client_address):
+        # admission happens here, in the accepting thread, before a thread is started
+        conn = self.agent.admit(request, client_address)
+        try:
+            threading.Thread(target=self._serve, args=(conn,), daemon=True, name="board-conn").start()
+        except BaseException:  # no thread for it (the caller closes the socket)
+            self.agent.forget(conn)
+            raise
+
+    def _serve(self, conn):
+        try:
+            self.agent.handle_connection(conn)
+        finally:
+            self.shutdown_request(conn.sock)
 
 
-class _Handler(socketserver.BaseRequestHandler):
-    def handle(self):
-        self.server.agent.handle_connection(self.request, self.client_address)
+class _Conn:
+    """One accepted connection and where it stands."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, sock: socket.socket, addr):
+        self.id = next(self._ids)
+        self.sock = sock
+        self.addr = addr
+        self.accepted = time.monotonic()
+        self.authenticated = False
+        self.evicted = False
+
+    def evict(self) -> None:
+        """Close from another thread: the handler's blocked read returns at once."""
+        self.evicted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class Agent:
@@ -58,19 +103,25 @@ class Agent:
 
     def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  limits: Limits | None = None, idle_timeout: float = 300.0, read_timeout: float = 30.0,
-                 max_connections: int = 4, exit_after_idle: float = 0.0):
+                 max_connections: int = 4, exit_after_idle: float = 0.0, auth_timeout: float = 10.0,
+                 max_pending: int = 16):
+        if max_connections < 1 or max_pending < 1:
+            raise ValueError("max_connections and max_pending must be at least 1")
         self.backend = backend
         self.token = token or None
         self.limits = limits or Limits()
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
+        self.auth_timeout = auth_timeout
         self.max_connections = max_connections
+        self.max_pending = max_pending
         self.exit_after_idle = exit_after_idle
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()
         self._lock = threading.Lock()  # the accelerator: one request at a time
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._active = 0
+        self._conn_lock = threading.Lock()
+        self._pending: OrderedDict[int, _Conn] = OrderedDict()  # oldest first
+        self._authed: dict[int, _Conn] = {}
         self._last = time.monotonic()
         self.testset: tuple[np.ndarray, np.ndarray, str] | None = None
         self.weights = {"id": "build", "round": None, "source": "deployment package" if backend.has_weights()
@@ -101,47 +152,120 @@ class Agent:
 
     def shutdown(self) -> None:
         self.server.shutdown()
+        with self._conn_lock:
+            conns = list(self._pending.values()) + list(self._authed.values())
+        for c in conns:
+            c.evict()
 
     def _watchdog(self):
+        # only authenticated peers count as activity: strangers cannot keep the agent up
         while True:
             time.sleep(min(1.0, self.exit_after_idle / 4))
-            if self._active == 0 and time.monotonic() - self._last > self.exit_after_idle:
+            if not self._authed and time.monotonic() - self._last > self.exit_after_idle:
                 log.info("no request for %.0f s: exiting", self.exit_after_idle)
                 threading.Thread(target=self.server.shutdown, daemon=True).start()
                 return
 
-    def count(self, key: str) -> None:
+    def count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
-            self.stats[key] += 1
+            self.stats[key] += n
+
+    @property
+    def connections(self) -> dict:
+        """How many connections are pending / authenticated now."""
+        with self._conn_lock:
+            return {"pending": len(self._pending), "authenticated": len(self._authed)}
 
     # ------------------------------------------------------------------ connections
-    def handle_connection(self, sock: socket.socket, addr) -> None:
+    def admit(self, sock: socket.socket, addr) -> _Conn:
+        """A new connection joins the pending pool; when that is full, the oldest pending one goes."""
+        conn = _Conn(sock, addr)
+        victim = None
+        with self._conn_lock:
+            if len(self._pending) >= self.max_pending:
+                _, victim = self._pending.popitem(last=False)
+            self._pending[conn.id] = conn
+        self.count("connections")
+        if victim is not None:
+            self.count("evicted")
+            victim.evict()
+        return conn
+
+    def forget(self, conn: _Conn) -> None:
+        with self._conn_lock:
+            self._pending.pop(conn.id, None)
+            self._authed.pop(conn.id, None)
+
+    def handle_connection(self, conn: _Conn) -> None:
+        sock = conn.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-        if not self._slots.acquire(blocking=False):
-            self.count("busy")
-            try:
-                send_error(sock, "busy", f"at most {self.max_connections} connections", close=True)
-            except OSError:
-                pass
-            return
-        with self._stats_lock:
-            self._active += 1
-            self.stats["connections"] += 1
         try:
-            self._serve_connection(sock, addr)
+            if self._authenticate(conn):
+                self._serve_connection(conn)
         finally:
-            with self._stats_lock:
-                self._active -= 1
-            self._last = time.monotonic()
-            self._slots.release()
+            with self._conn_lock:
+                self._pending.pop(conn.id, None)
+                was_authed = self._authed.pop(conn.id, None) is not None
+            if was_authed:
+                self._last = time.monotonic()
 
-    def _serve_connection(self, sock: socket.socket, addr) -> None:
+    def _authenticate(self, conn: _Conn) -> bool:
+        """The first message: a small HELLO with the token, within auth_timeout of the accept."""
+        sock = conn.sock
+        try:
+            msg = read_message(sock, self.limits, deadline=conn.accepted + self.auth_timeout,
+                               body_timeout=self.read_timeout, hello_only=True)
+        except (ConnectionClosed, OSError) as err:
+            if isinstance(err, socket.timeout):
+                self.count("auth_timeout")
+            elif not conn.evicted and not isinstance(err, ConnectionClosed):
+                self.count("socket_errors")
+            return False
+        except ProtocolError as err:
+            if conn.evicted:
+                return False
+            self.count("errors")
+            self.count(err.code)
+            self.count("auth_failed")
+            log.info("%s (not authenticated): %s", conn.addr[0] if conn.addr else "?", err)
+            if err.code != "truncated":
+                self._reply_error(sock, err, close=True)
+            return False
+        if not token_ok(self.token, msg.meta.get("token")):
+            self.count("errors")
+            self.count("unauthorized")
+            self.count("auth_failed")
+            self._reply_error(sock, ProtocolError("unauthorized", "missing or wrong token", close=True,
+                                                  request_id=msg.request_id), close=True)
+            return False
+        with self._conn_lock:
+            if conn.evicted:
+                return False
+            self._pending.pop(conn.id, None)
+            full = len(self._authed) >= self.max_connections
+            if not full:
+                self._authed[conn.id] = conn
+                conn.authenticated = True
+        if full:
+            self.count("busy")
+            self._reply_error(sock, ProtocolError("busy", f"at most {self.max_connections} authenticated "
+                                                  "connections", close=True, request_id=msg.request_id), close=True)
+            return False
+        self.count("authenticated")
+        self._last = time.monotonic()
+        self.count("requests")
+        self.count("ok")
+        return self._send_reply(sock, msg, self.hello(), [])
+
+    def _serve_connection(self, conn: _Conn) -> None:
+        sock = conn.sock
         while True:
             try:
-                msg = read_message(sock, self.limits, header_timeout=self.idle_timeout, body_timeout=self.read_timeout)
+                msg = read_message(sock, self.limits, header_timeout=self.idle_timeout,
+                                   body_timeout=self.read_timeout)
             except ConnectionClosed:
                 return
             except socket.timeout:
@@ -150,7 +274,7 @@ class Agent:
             except ProtocolError as err:
                 self.count("errors")
                 self.count(err.code)
-                log.info("%s: %s", addr[0] if addr else "?", err)
+                log.info("%s: %s", conn.addr[0] if conn.addr else "?", err)
                 if err.code != "truncated" and not self._reply_error(sock, err):
                     return
                 if err.close:
@@ -186,25 +310,34 @@ class Agent:
                     return
                 continue
             self.count("ok")
-            try:
-                send_message(sock, msg.type, meta, bufs, flags=FLAG_REPLY, request_id=msg.request_id)
-            except OSError:
-                self.count("socket_errors")
+            if not self._send_reply(sock, msg, meta, bufs):
                 return
 
-    def _reply_error(self, sock, err: ProtocolError) -> bool:
+    def _send_reply(self, sock, msg: Message, meta: dict, bufs) -> bool:
+        try:
+            sock.settimeout(self.read_timeout)  # a peer that does not read cannot hold the thread for long
+            send_message(sock, msg.type, meta, bufs, flags=FLAG_REPLY, request_id=msg.request_id)
+            return True
+        except OSError:
+            self.count("socket_errors")
+            return False
+
+    def _reply_error(self, sock, err: ProtocolError, close: bool | None = None) -> bool:
         extra = dict(err.extra)
         rid = extra.pop("request_id", 0)
         try:
-            send_error(sock, err.code, err.message, request_id=rid, close=err.close, **extra)
+            sock.settimeout(self.read_timeout)
+            send_error(sock, err.code, err.message, request_id=rid, close=err.close if close is None else close,
+                       **extra)
             return True
         except OSError:
             return False
 
     # ------------------------------------------------------------------ requests
     def dispatch(self, msg: Message) -> tuple[dict, list]:
-        if not token_ok(self.token, msg.meta.get("token")):
-            raise ProtocolError("unauthorized", "missing or wrong token", close=True, request_id=msg.request_id)
+        """A request on an authenticated connection (a token it carries anyway must be right)."""
+        if "token" in msg.meta and not token_ok(self.token, msg.meta.get("token")):
+            raise ProtocolError("unauthorized", "wrong token", close=True, request_id=msg.request_id)
         if msg.type == HELLO:
             return self.hello(), []
         if msg.type == UPLOAD_TESTSET:
@@ -227,7 +360,8 @@ class Agent:
             "input": {"shape": list(b.input_shape), "dtype": b.input_dtype}, "default_batch": b.default_batch,
             "weight_files": list(b.weight_files), "testset": ts, "weights": dict(self.weights),
             "limits": {**self.limits.as_dict(), "read_timeout_s": self.read_timeout,
-                       "idle_timeout_s": self.idle_timeout, "max_connections": self.max_connections},
+                       "idle_timeout_s": self.idle_timeout, "auth_timeout_s": self.auth_timeout,
+                       "max_connections": self.max_connections, "max_pending": self.max_pending},
             "token_required": bool(self.token), "stats": stats, "uptime_s": round(time.time() - self.started, 1),
         }
 
@@ -260,8 +394,8 @@ class Agent:
         rid = msg.request_id
         kind = msg.meta.get("kind")
         rnd = msg.meta.get("round")
-        if kind not in ("dat", "onnx"):
-            raise ProtocolError("bad_request", "kind must be 'dat' or 'onnx'", request_id=rid)
+        if kind not in WEIGHT_KINDS and kind != "onnx":
+            raise ProtocolError("bad_request", "kind must be 'dat' or 'values'", request_id=rid)
         if rnd is not None and (not isinstance(rnd, int) or isinstance(rnd, bool)):
             raise ProtocolError("bad_request", "round must be an integer", request_id=rid)
         if kind not in self.backend.accepts:
@@ -269,7 +403,10 @@ class Agent:
                                f" weights, not {kind!r}")
         if not msg.parts:
             raise ProtocolError("bad_request", "no weight files", request_id=rid)
-        files = {name: bytes(buf) for name, (_, buf) in msg.parts.items()}
+        if kind == "values":  # named float32 arrays (part_array checks dtype, shape and size)
+            files = {name: np.array(part_array(desc, buf, rid)) for name, (desc, buf) in msg.parts.items()}
+        else:
+            files = {name: bytes(buf) for name, (_, buf) in msg.parts.items()}
         t0 = time.perf_counter()
         with self._lock:
             try:

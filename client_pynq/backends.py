@@ -16,12 +16,15 @@ images (already in the accelerator's input format) into class indices.
   takes and decodes them into the model (with the layout the build measured),
   so the weight files are what is emulated, not a model on the side. FINN's
   own per-image execution, the slow reference, is ``fedfinn hw emulate``.
-* :class:`FastEmulator` (``serve --emulate BUILD --mode fast``): the round's
-  QONNX export, turned into a plain ONNX graph (activation quantizers as
-  Div/Add/Clip/Round/Sub/Mul, weights folded) with the build's input stage
-  (uint8 NHWC -> normalized NCHW) in front, run by onnxruntime on whole
-  batches. Labelled "fast (onnxruntime), not bit-exact to the accelerator":
-  float rounding at quantizer boundaries can differ from the integer datapath.
+* :class:`FastEmulator` (``serve --emulate BUILD --mode fast``): the build's
+  own input-stage model (``step_preprocess_io``: uint8 NHWC -> normalized NCHW,
+  the network, TopK), converted once at start into a plain ONNX graph
+  (quantizers as Div/Add/Clip/Round/Sub/Mul, :mod:`client_pynq.fastonnx`) and
+  run by onnxruntime on whole batches. A round sends only new parameter values
+  (``values``: named float32 arrays, checked against the build's names and
+  shapes before anything runs), never a graph. Labelled "fast (onnxruntime),
+  not bit-exact to the accelerator": float rounding at quantizer boundaries
+  can differ from the integer datapath.
 * :class:`SyntheticBackend` (``serve --synthetic``): numpy only, no model; a
   deterministic stand-in for protocol tests and for checking an install.
 
@@ -42,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .buildfiles import parse_dat
 from .protocol import safe_file_name
 
 FAST_LABEL = "fast (onnxruntime), not bit-exact to the accelerator"
@@ -172,11 +176,7 @@ class SyntheticBackend(Backend):
 
     @staticmethod
     def offset_of(files: dict[str, bytes]) -> int:
-        total = 0
-        for name in sorted(files):
-            toks = bytes(files[name]).split()
-            total += sum(int(t, 16) for t in toks)
-        return total
+        return sum(int(parse_dat(files[name]).sum(dtype=np.uint64)) for name in sorted(files))
 
     def set_weights(self, kind, files):
         if kind != "dat":
@@ -276,14 +276,14 @@ class BoardBackend(Backend):
         if kind != "dat":
             raise BackendError("unsupported", "a board takes the runtime-weight files ('dat')")
         self.check_dat_names(files)
-        for name, data in files.items():
-            n_new, n_old = len(bytes(data).split()), len(self.built_weights[name].split())
+        for name, data in files.items():  # every word, before anything is staged or written
+            try:
+                n_new = len(parse_dat(data))
+            except ValueError as err:
+                raise BackendError("weights_mismatch", f"{name}: {err}") from None
+            n_old = len(self.built_weights[name].split())
             if n_new != n_old:
                 raise BackendError("weights_mismatch", f"{name}: {n_new} words, the accelerator has {n_old}")
-            try:
-                [int(t, 16) for t in bytes(data).split()[:4]]
-            except ValueError:
-                raise BackendError("weights_mismatch", f"{name}: not hex words") from None
         self._serial += 1
         stage = self.state_dir / f"rw-{self._serial}"
         stage.mkdir()
@@ -320,11 +320,6 @@ class BoardBackend(Backend):
 # ----------------------------------------------------------------------------- emulators (host)
 
 
-def _build_record(build: Path) -> dict:
-    p = build / "build_config.json"
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
 class BitExactEmulator(Backend):
     """The folded dataflow model of a build, fed with the board's own ``.dat`` files."""
 
@@ -335,7 +330,8 @@ class BitExactEmulator(Backend):
 
     def __init__(self, build: str | os.PathLike, batch: int = 100, fallback=None):
         # onnx/qonnx are on the host only: a board image imports this module without them
-        from .dataflow import DataflowModel, DatCodec, find_folded_model
+        from .buildfiles import find_folded_model
+        from .dataflow import DataflowModel, DatCodec
 
         self.build = Path(build)
         self.model_path = find_folded_model(self.build)
@@ -362,7 +358,7 @@ class BitExactEmulator(Backend):
     def set_weights(self, kind, files):
         if kind != "dat":
             raise BackendError("unsupported", "the bit-exact emulator takes the runtime-weight files ('dat'); "
-                               "'onnx' is for --mode fast")
+                               "'values' is for --mode fast")
         if self.codec is None:
             raise BackendError("unsupported", "this build has no runtime-writable weights")
         self.check_dat_names(files)
@@ -370,7 +366,7 @@ class BitExactEmulator(Backend):
         for name, data in files.items():
             try:
                 layer, value = self.codec.decode(name, bytes(data))
-            except (ValueError, KeyError) as err:
+            except (ValueError, KeyError, OverflowError) as err:
                 raise BackendError("weights_mismatch", f"{name}: {err}") from None
             new[layer] = value
         for layer, value in new.items():  # all decoded first: nothing half-applied
@@ -383,66 +379,68 @@ class BitExactEmulator(Backend):
 
 
 class FastEmulator(Backend):
-    """The round's QONNX model as a plain ONNX graph in onnxruntime (not bit-exact)."""
+    """The build's own graph (input stage + network + TopK) in onnxruntime; a round sends values only."""
 
     kind = "emulate-fast"
     mode = FAST_LABEL
     bit_exact = False
-    accepts = ("onnx",)
+    accepts = ("values",)
 
-    def __init__(self, build: str | os.PathLike | None = None, batch: int = 100, threads: int = 0,
-                 mean=None, std=None, input_shape=(32, 32, 3)):
-        self.build = Path(build) if build else None
-        rec = _build_record(self.build) if self.build else {}
-        if mean is None or std is None:
-            mean, std = rec.get("mean"), rec.get("std")
-            if mean is None or std is None:
-                raise ValueError("the fast emulator needs the input normalization: a build folder whose "
-                                 "build_config.json has mean and std, or mean= and std=")
-        self.mean, self.std = list(mean), list(std)
-        self.input_shape = tuple(input_shape)
+    def __init__(self, build: str | os.PathLike, batch: int = 100, threads: int = 0):
+        import onnx
+
+        from .fastonnx import build_model_path, to_ort, value_specs
+
+        self.build = Path(build)
+        self.model_path = build_model_path(self.build)  # the only graph this backend runs
+        base = onnx.load(str(self.model_path))
+        shape = [d.dim_value for d in base.graph.input[0].type.tensor_type.shape.dim]
+        if len(shape) != 4 or not all(shape[1:]):
+            raise ValueError(f"{self.model_path}: expected an NHWC image input, got shape {shape}")
+        self.input_shape = tuple(shape[1:])
         self.default_batch = batch
         self.threads = threads
-        self._model = None  # plain ONNX bytes, batch dimension symbolic
-        self._sess = None
+        self.specs = value_specs(base)  # what a round may change: names -> shapes
+        self.value_floats = int(sum(int(np.prod(s, dtype=np.int64)) for s in self.specs.values()))
+        self._ort = to_ort(base)  # converted once; per round only values change
         self.weight_files = []
-        qonnx = rec.get("model_path")
-        if qonnx and Path(qonnx).exists():
-            self.set_weights("onnx", {"model.onnx": Path(qonnx).read_bytes()})
+        self._sess = self._session(self._ort.SerializeToString())  # the build's own values until a round's
 
     def info(self):
         d = super().info()
-        d.update({"build": str(self.build) if self.build else None, "mean": self.mean, "std": self.std})
+        d.update({"build": str(self.build), "graph": self.model_path.name, "values": len(self.specs),
+                  "value_floats": self.value_floats})
         return d
 
     def has_weights(self):
         return self._sess is not None
 
-    def set_weights(self, kind, files):
-        if kind != "onnx":
-            raise BackendError("unsupported", "the fast emulator takes the round's QONNX model ('onnx')")
-        if list(files) != ["model.onnx"]:
-            raise BackendError("bad_request", "an 'onnx' update is one part named model.onnx")
-        from .fastonnx import qonnx_to_ort
-
-        try:
-            model = qonnx_to_ort(bytes(files["model.onnx"]), self.mean, self.std, self.input_shape)
-        except Exception as err:
-            raise BackendError("weights_mismatch", f"cannot run this model: {str(err)[:300]}") from None
+    def _session(self, model: bytes):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         if self.threads:
             so.intra_op_num_threads = self.threads
         so.log_severity_level = 3
-        self._sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        self._in = self._sess.get_inputs()[0].name
-        return {"layers": None}
+        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+    def set_weights(self, kind, files):
+        if kind != "values":
+            raise BackendError("unsupported", "the fast emulator runs its build's own graph and takes only the "
+                               "round's parameter values ('values': named float32 arrays), never a model")
+        from .fastonnx import check_values, with_values
+
+        try:
+            values = check_values(self.specs, files)
+        except ValueError as err:
+            raise BackendError("weights_mismatch", str(err)[:500]) from None
+        self._sess = self._session(with_values(self._ort, values))  # replaced only once it is made
+        return {"layers": len(values)}
 
     def infer(self, batch):
         x = np.asarray(batch, dtype=np.float32)
-        logits = self._sess.run(None, {self._in: x})[0]
-        return np.asarray(logits).reshape(len(x), -1).argmax(1).astype(np.int64)
+        out = self._sess.run(None, {self._sess.get_inputs()[0].name: x})[0]
+        return np.asarray(out).reshape(len(x), -1)[:, 0].astype(np.int64)
 
 
 def make_backend(args) -> Backend:

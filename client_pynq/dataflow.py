@@ -49,6 +49,8 @@ import numpy as np
 from onnx import helper as _oh
 from qonnx.core.modelwrapper import ModelWrapper
 
+from .buildfiles import MAX_WORD, find_folded_model, parse_dat  # noqa: F401 (re-exported)
+
 _EXACT_F32 = 2**24
 
 
@@ -397,26 +399,6 @@ class DataflowModel:
 
 LAYOUT_JSON = "runtime_weights_layout.json"  # written by the host's hw build (hw/datfiles.py)
 LAYOUT_NPZ = "runtime_weights_layout.npz"
-MAX_WORD = 0xFFFFFFFF
-
-
-def parse_dat(data: bytes | str) -> np.ndarray:
-    """Words of a runtime-weight file (whitespace-separated hex, each 0..2^32-1) as uint32."""
-    try:
-        text = data.decode("ascii") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    except UnicodeDecodeError:
-        raise ValueError("not a runtime-weight file (ASCII hex words expected)") from None
-    toks = text.split()
-    if any(len(t) > 8 for t in toks):
-        raise ValueError("runtime-weight words must be at most 32 bits (8 hex digits)")
-    try:
-        words = [int(t, 16) for t in toks]
-    except ValueError as err:
-        raise ValueError(f"not a runtime-weight file (hex words expected): {err}") from None
-    if any(w < 0 or w > MAX_WORD for w in words):  # int() takes "-1"
-        raise ValueError("runtime-weight words must be unsigned 32-bit values")
-    return np.array(words, dtype=np.uint64).astype(np.uint32)
-
 
 @dataclass
 class _LayerCodec:
@@ -480,16 +462,3 @@ class DatCodec:
             raise KeyError(f"{fname}: not a runtime-weight file of this build (known: {len(self.layers)} files)")
         c = self.layers[fname]
         return c.layer, c.decode(parse_dat(data))
-
-
-def find_folded_model(build: str | os.PathLike) -> Path:
-    """The folded model of a build folder (or a ``hw weights`` output folder, or an .onnx file)."""
-    p = Path(build)
-    if p.is_file():
-        return p
-    if (p / "model.onnx").exists():
-        return p / "model.onnx"
-    cands = sorted((p / "intermediate").glob("*_step_generate_estimate_reports.onnx"))
-    if not cands:
-        raise FileNotFoundError(f"{p}: no intermediate/*_step_generate_estimate_reports.onnx (not a `hw build` folder)")
-    return cands[-1]

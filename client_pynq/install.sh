@@ -143,11 +143,12 @@ while not os.path.exists(pf) and time.time() - t0 < 30 and p.poll() is None:
     time.sleep(0.1)
 import socket
 from client_pynq import protocol as P
-try:  # a HELLO over the agent's own protocol (the host's client is not on a board)
+try:  # the first message a HELLO (protocol 2), over the agent's own protocol (no host client on a board)
     with socket.create_connection(("127.0.0.1", int(open(pf).read())), timeout=10) as s:
-        P.send_message(s, P.HELLO, {"client": "install.sh"}, request_id=1)
-        reply = P.read_message(s, P.Limits(), reply=True)
-        print("[fedfinn-board] agent self-test: protocol", reply.meta["protocol"])
+        P.send_message(s, P.HELLO, {"client": "install.sh"})
+        r = P.read_message(s, P.reply_limits(), reply=True)
+        assert r.type == P.HELLO, r.meta
+        print("[fedfinn-board] agent self-test: protocol", r.meta["protocol"])
 finally:
     p.terminate()
     p.wait(20)

@@ -1,7 +1,7 @@
 """``fedfinn board ...``: the host's commands for board agents (``python -m client_pynq serve``).
 
     fedfinn board hello HOST:PORT [--token-file F]
-    fedfinn board measure HOST:PORT --weights DIR|--onnx MODEL [-n 1000] [--batch-size B]
+    fedfinn board measure HOST:PORT --weights DIR|--onnx MODEL [--build BUILD] [-n 1000] [--batch-size B]
     fedfinn board bench --build BUILD --model ROUND.onnx [-n 1000] [--modes bitexact,fast]
 
 The token comes from ``--token``, ``--token-file`` or ``$FEDFINN_BOARD_TOKEN``.
@@ -40,7 +40,7 @@ def cmd_measure(args) -> int:
     x, y = d.test_x[: args.n], d.test_y[: args.n]
     model = Path(args.onnx) if args.onnx else load_weight_files(args.weights)
     res = measure_round([args.board], model, images=x, labels=y, token=_token(args), batch_size=args.batch_size,
-                        timeout=args.timeout)
+                        timeout=args.timeout, build=args.build)
     print(json.dumps(res, indent=2))
     return 0 if all(r.get("ok") for r in res) else 1
 
@@ -82,7 +82,7 @@ def cmd_bench(args) -> int:
                 rounds = []
                 for r in range(args.rounds):
                     e = measure_round([address], model, images=x, labels=y, server_round=r + 1,
-                                      batch_size=args.batch_size, timeout=600)[0]
+                                      batch_size=args.batch_size, timeout=600, build=args.build)[0]
                     if not e["ok"]:
                         raise RuntimeError(f"{mode}: {e['error']}")
                     rounds.append({k: e[k] for k in ("seconds_weights", "seconds_evaluate", "seconds_board",
@@ -124,7 +124,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     m.add_argument("board", help="HOST:PORT")
     w = m.add_mutually_exclusive_group(required=True)
     w.add_argument("--weights", help="folder with runtime_weights/*.dat (`fedfinn hw weights` output) or *.dat")
-    w.add_argument("--onnx", help="QONNX model (fast emulation agents)")
+    w.add_argument("--onnx", help="a round's QONNX model (made into runtime-weight files or, for fast "
+                   "emulation agents, the values of the build's model: needs --build)")
+    m.add_argument("--build", default=None, help="the `fedfinn hw build` folder the agent's accelerator came from")
     m.add_argument("-n", type=int, default=1000, help="test images")
     m.add_argument("--dataset", default="cifar10")
     m.add_argument("--batch-size", type=int, default=None)

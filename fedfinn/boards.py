@@ -4,7 +4,8 @@
   ``set_weights``, ``evaluate`` (raises :class:`BoardError` on an error reply).
 * :func:`measure_round` - what the federated server calls after a round:
   prepares the round's weights once (runtime-weight files for boards and the
-  bit-exact emulator, the QONNX model for fast emulators), then for every board
+  bit-exact emulator; for fast emulators the parameter values of the build's
+  input-stage model, :func:`input_stage_values`), then for every board
   in parallel: upload the test set if the board does not hold it yet, send the
   weights, evaluate. Never raises: a board that is unreachable or fails gets an
   entry with ``ok: false``, the ``stage`` that failed and the ``error``.
@@ -31,11 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import onnx
 
+from client_pynq.fastonnx import round_values
 from client_pynq.protocol import (
-    ERROR, EVALUATE, FLAG_REPLY, HELLO, SET_WEIGHTS, UPLOAD_TESTSET, ConnectionClosed, Limits, ProtocolError,
-    make_parts, part_array, read_message, send_message, testset_id,
+    ERROR, EVALUATE, FLAG_REPLY, HELLO, SET_WEIGHTS, UPLOAD_TESTSET, ConnectionClosed, ProtocolError, make_parts,
+    part_array, read_message, reply_limits, send_message, testset_id,
 )
 from export.qonnx_export import to_qonnx
 from training.plots import finish, plt
@@ -67,17 +68,31 @@ def parse_address(addr: str, default_port: int = 9100) -> tuple[str, int]:
 
 
 class BoardClient:
-    """A connection to one board agent (reconnects once if a kept connection went stale)."""
+    """A connection to one board agent (reconnects once if a kept connection went stale).
+
+    Every new connection starts with the HELLO that carries the token (protocol
+    version 2); later requests carry none. What the host reads back is bounded
+    (:func:`client_pynq.protocol.reply_limits`): reply metadata at most 1 MiB, a
+    payload only on EVALUATE (``max_reply_payload``), both refused from the
+    header before anything is allocated; a reply must arrive within ``timeout``
+    (first byte) plus its length at the protocol's minimum rate. Whatever a
+    board sends, the caller sees :class:`BoardError`."""
+
+    #: a connection closed before the first HELLO's reply (e.g. evicted from the agent's
+    #: pool of unauthenticated connections under a flood): tried again this often
+    HANDSHAKE_TRIES = 4
 
     def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 120.0,
-                 connect_timeout: float = 5.0):
+                 connect_timeout: float = 5.0, max_reply_payload: int | None = None):
         self.host, self.port = host, int(port)
         self.token = token
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.limits = reply_limits(max_reply_payload) if max_reply_payload is not None else reply_limits()
         self._sock: socket.socket | None = None
         self._rid = 0
         self._lock = threading.Lock()
+        self._hello: dict | None = None  # the reply to this connection's first HELLO, until used
         self.bytes_sent = 0
 
     @classmethod
@@ -96,27 +111,58 @@ class BoardClient:
         self.close()
 
     def close(self) -> None:
+        self._hello = None
         if self._sock is not None:
             try:
                 self._sock.close()
             finally:
                 self._sock = None
 
+    def _exchange(self, sock: socket.socket, mtype: int, meta: dict, bufs=()):
+        """One request and its reply on ``sock``: (Message, request id); raises BoardError."""
+        self._rid = (self._rid + 1) & 0xFFFFFFFF
+        sock.settimeout(self.timeout)
+        self.bytes_sent += send_message(sock, mtype, meta, bufs, request_id=self._rid)
+        return read_message(sock, self.limits, reply=True, header_timeout=self.timeout,
+                            body_timeout=self.timeout), self._rid
+
     def _connect(self) -> socket.socket:
-        try:
-            s = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except OSError as err:
-            raise BoardError("connection", f"cannot connect: {err}", self.address) from None
-        s.settimeout(self.timeout)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = s
-        return s
+        """A new connection, authenticated by its first HELLO."""
+        meta = {"client": "fedfinn-host"}
+        if self.token:
+            meta["token"] = self.token
+        for attempt in range(self.HANDSHAKE_TRIES):
+            try:
+                s = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            except OSError as err:
+                raise BoardError("connection", f"cannot connect: {err}", self.address) from None
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                reply, rid = self._exchange(s, HELLO, meta)
+            except (ConnectionClosed, ProtocolError, OSError) as err:
+                s.close()
+                if isinstance(err, ProtocolError) and err.code not in ("truncated",) or \
+                        isinstance(err, socket.timeout) or attempt == self.HANDSHAKE_TRIES - 1:
+                    raise _as_board_error(err, self) from None
+                time.sleep(0.02 * 2**attempt)
+                continue
+            except (MemoryError, OverflowError, ValueError) as err:  # never a raw error from a board's bytes
+                s.close()
+                raise BoardError("connection", f"bad reply: {type(err).__name__}", self.address) from None
+            if reply.type == ERROR:
+                s.close()
+                m = reply.meta
+                raise BoardError(str(m.get("code", "error")), str(m.get("message", "")), self.address)
+            if reply.type != HELLO or not reply.flags & FLAG_REPLY or reply.request_id != rid:
+                s.close()
+                raise BoardError("connection", "the agent's first reply is not the HELLO's", self.address)
+            self._sock, self._hello = s, reply.meta
+            return s
+        raise AssertionError("unreachable")
 
     def request(self, mtype: int, meta: dict | None = None, items: list | None = None) -> tuple[dict, dict]:
         """Send one request, return (reply metadata, reply parts as arrays/bytes)."""
         meta = dict(meta or {})
-        if self.token:
-            meta["token"] = self.token
         bufs = []
         if items:
             parts, bufs = make_parts(items)
@@ -125,44 +171,56 @@ class BoardClient:
             for attempt in (0, 1):
                 fresh = self._sock is None
                 sock = self._sock or self._connect()
-                self._rid = (self._rid + 1) & 0xFFFFFFFF
+                self._hello = None
                 try:
-                    self.bytes_sent += send_message(sock, mtype, meta, bufs, request_id=self._rid)
-                    reply = read_message(sock, Limits(max_meta=16 * 2**20), reply=True)
+                    reply, rid = self._exchange(sock, mtype, meta, bufs)
                 except (OSError, ProtocolError, ConnectionClosed) as err:
                     self.close()
                     if attempt == 0 and not fresh and not isinstance(err, (socket.timeout, ProtocolError)):
                         continue  # a kept connection the agent had closed: once more on a new one
-                    if isinstance(err, socket.timeout):
-                        raise BoardError("timeout", f"no reply within {self.timeout:g} s", self.address) from None
-                    raise BoardError("connection", f"{type(err).__name__}: {err}", self.address) from None
+                    raise _as_board_error(err, self) from None
+                except (MemoryError, OverflowError, ValueError) as err:
+                    self.close()
+                    raise BoardError("connection", f"bad reply: {type(err).__name__}", self.address) from None
                 break
         if reply.type == ERROR:
             m = reply.meta
             if m.get("close"):
                 self.close()
             raise BoardError(str(m.get("code", "error")), str(m.get("message", "")), self.address)
-        if reply.type != mtype or not reply.flags & FLAG_REPLY or reply.request_id != self._rid:
+        if reply.type != mtype or not reply.flags & FLAG_REPLY or reply.request_id != rid:
             self.close()
             raise BoardError("connection", "reply does not match the request", self.address)
         parts = {}
-        for name, (desc, buf) in reply.parts.items():
-            parts[name] = part_array(desc, buf) if "dtype" in desc else bytes(buf)
+        try:
+            for name, (desc, buf) in reply.parts.items():
+                parts[name] = part_array(desc, buf) if "dtype" in desc else bytes(buf)
+        except ProtocolError as err:
+            raise BoardError("connection", f"bad reply: {err}", self.address) from None
         return reply.meta, parts
 
     # -- the four requests
     def hello(self) -> dict:
+        """The agent's HELLO reply (a new connection's own first HELLO, or a new one)."""
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            if self._hello is not None:
+                h, self._hello = self._hello, None
+                return h
         return self.request(HELLO, {"client": "fedfinn-host"})[0]
 
     def upload_testset(self, images: np.ndarray, labels: np.ndarray) -> dict:
         return self.request(UPLOAD_TESTSET, {}, [("images", np.ascontiguousarray(images)),
                                                 ("labels", np.ascontiguousarray(labels).astype(np.int64))])[0]
 
-    def set_weights(self, files: dict[str, bytes], kind: str = "dat", server_round: int | None = None) -> dict:
+    def set_weights(self, files: dict, kind: str = "dat", server_round: int | None = None) -> dict:
+        """``files``: ``{name: bytes}`` (``dat``) or ``{name: float32 array}`` (``values``)."""
         meta = {"kind": kind}
         if server_round is not None:
             meta["round"] = int(server_round)
-        return self.request(SET_WEIGHTS, meta, [(n, bytes(files[n])) for n in sorted(files)])[0]
+        items = [(n, files[n] if isinstance(files[n], np.ndarray) else bytes(files[n])) for n in sorted(files)]
+        return self.request(SET_WEIGHTS, meta, items)[0]
 
     def evaluate(self, batch_size: int | None = None, limit: int | None = None, predictions: bool = False) -> dict:
         meta: dict = {"predictions": bool(predictions)}
@@ -175,6 +233,14 @@ class BoardClient:
         if "predictions" in parts:
             res["predictions"] = parts["predictions"].astype(np.int64)
         return res
+
+
+def _as_board_error(err: Exception, client: BoardClient) -> BoardError:
+    if isinstance(err, socket.timeout):
+        return BoardError("timeout", f"no reply within {client.timeout:g} s", client.address)
+    if isinstance(err, ProtocolError):
+        return BoardError("connection", f"bad reply: {err}", client.address)
+    return BoardError("connection", f"{type(err).__name__}: {err}", client.address)
 
 
 # ----------------------------------------------------------------------------- weights of a round
@@ -191,13 +257,27 @@ def load_weight_files(path: str | os.PathLike) -> dict[str, bytes]:
     return files
 
 
+def input_stage_values(build: str | os.PathLike, qonnx: str | os.PathLike) -> dict[str, np.ndarray]:
+    """What a fast-emulation board takes for the round's QONNX model ``qonnx``: the build's own
+    first step (``hw.build.step_preprocess_io`` with the build's configuration, so names and shapes
+    are the build's), then :func:`client_pynq.fastonnx.round_values` - the rule the agent holds
+    an update against."""
+    from hw.build import step_preprocess_io  # finn-plus is optional (make install-hw)
+    from hw.weights import load_config
+    from qonnx.core.modelwrapper import ModelWrapper
+
+    model = step_preprocess_io(ModelWrapper(str(qonnx)), load_config(build))
+    return round_values(model.model)
+
+
 class RoundWeights:
     """The weights of one round in the forms the boards ask for (made once, on demand).
 
     ``model``: ``{name: bytes}`` of ``.dat`` files; a folder of them (``hw weights``
     output); a QONNX ``.onnx`` file (the round's export); or a torch model
-    (exported to QONNX here). ``.dat`` files from a QONNX model need ``build``
-    (``hw.weights.update_weights``)."""
+    (exported to QONNX here). ``dat`` files and ``values`` (fast emulators) from a
+    QONNX model need ``build`` (``hw.weights.update_weights``,
+    :func:`input_stage_values`)."""
 
     def __init__(self, model, build: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
                  server_round: int | None = None):
@@ -205,7 +285,7 @@ class RoundWeights:
         self.build = Path(build) if build else None
         self.workdir = Path(workdir) if workdir else None
         self.server_round = server_round
-        self._made: dict[str, dict[str, bytes]] = {}
+        self._made: dict[str, dict] = {}
         self._errors: dict[str, str] = {}
         self.seconds: dict[str, float] = {}  # host-side steps (export_qonnx, hw_weights)
         self.seconds_kind: dict[str, float] = {}  # time to make each kind
@@ -241,8 +321,9 @@ class RoundWeights:
             raise ValueError("no QONNX model for this round (give a .onnx file or a torch model)")
         return self._qonnx_path
 
-    def get(self, kind: str) -> dict[str, bytes]:
-        """The files for ``kind`` ("dat" or "onnx"); raises with the reason."""
+    def get(self, kind: str) -> dict:
+        """The files for ``kind`` ("dat": ``{name: bytes}``, "values": ``{name: float32 array}``);
+        raises with the reason."""
         with self._lock:
             if kind in self._made:
                 return self._made[kind]
@@ -258,7 +339,7 @@ class RoundWeights:
             self.seconds_kind[kind] = round(time.perf_counter() - t0, 3)
             return files
 
-    def _make(self, kind: str) -> dict[str, bytes]:
+    def _make(self, kind: str) -> dict:
         m = self.model
         if kind == "dat":
             if isinstance(m, dict):
@@ -275,11 +356,17 @@ class RoundWeights:
                 res = update_weights(self.build, qonnx, self._dir() / "weights")
             self.seconds["hw_weights"] = round(time.perf_counter() - t0, 3)
             return load_weight_files(res["out_dir"])
-        if kind == "onnx":
+        if kind == "values":
             if isinstance(m, dict) or (isinstance(m, (str, os.PathLike)) and Path(m).is_dir()):
-                raise ValueError("a fast-emulation board needs the round's QONNX model, not weight files")
-            # onnx.load reads external tensor data (model.onnx.data) into the one file sent
-            return {"model.onnx": onnx.load(str(self._qonnx())).SerializeToString()}
+                raise ValueError("a fast-emulation board needs the round's model (QONNX or torch), not weight files")
+            if self.build is None:
+                raise ValueError("a fast-emulation board's values are named after the build's model: give build=...")
+            qonnx = self._qonnx()
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                values = input_stage_values(self.build, qonnx)
+            self.seconds["input_stage"] = round(time.perf_counter() - t0, 3)
+            return values
         raise ValueError(f"unknown weight kind {kind!r}")
 
 
@@ -298,7 +385,7 @@ def _hello(client: BoardClient, images: np.ndarray) -> tuple[dict, str]:
     """HELLO and the weight kind to send; raises BoardError."""
     hello = client.hello()
     accepts = hello.get("accepts") or []
-    kind = "dat" if "dat" in accepts else ("onnx" if "onnx" in accepts else None)
+    kind = "dat" if "dat" in accepts else ("values" if "values" in accepts else None)
     if kind is None:
         raise BoardError("unsupported", f"the board accepts no weight kind we can make ({accepts})")
     inp = hello.get("input", {})
@@ -336,7 +423,7 @@ def measure_board(client: BoardClient, weights: RoundWeights, images: np.ndarray
         t0 = time.perf_counter()
         client.set_weights(files, kind=kind, server_round=server_round)
         entry["seconds_weights"] = round(time.perf_counter() - t0, 4)
-        entry["weight_bytes"] = int(sum(len(v) for v in files.values()))
+        entry["weight_bytes"] = int(sum(v.nbytes if isinstance(v, np.ndarray) else len(v) for v in files.values()))
         stage = "evaluate"
         t0 = time.perf_counter()
         res = client.evaluate(batch_size=batch_size, limit=limit, predictions=predictions)
