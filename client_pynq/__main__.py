@@ -15,6 +15,7 @@ The token comes from ``--token``, ``--token-file`` or ``$FEDFINN_BOARD_TOKEN``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -33,9 +34,35 @@ def _token(args) -> str | None:
     return getattr(args, "token", None) or os.environ.get("FEDFINN_BOARD_TOKEN") or None
 
 
+def is_loopback(host: str) -> bool:
+    """Is ``host`` an address only this machine reaches (127.0.0.0/8, ::1, localhost)?"""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(host: str, token: str | None, insecure: bool) -> str | None:
+    """Why serving on ``host`` this way is refused (None: fine). Beyond loopback the agent needs a token,
+    unless ``--insecure`` says that anyone who reaches the port may use the board on purpose."""
+    if is_loopback(host) or token or insecure:
+        return None
+    return (f"--host {host} listens beyond this machine without a token: anyone who reaches the port could "
+            "upload weights and use the accelerator; give --token-file F (or $FEDFINN_BOARD_TOKEN), or "
+            "--insecure to do it anyway")
+
+
 def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = exposure_problem(args.host, _token(args), args.insecure)
+    if problem:
+        raise ValueError(problem)
+    if args.insecure and not is_loopback(args.host) and not _token(args):
+        logging.getLogger("fedfinn.board").warning("INSECURE: listening on %s without a token (--insecure)",
+                                                   args.host)
     backend = make_backend(args)
     limits = Limits(max_meta=int(args.max_meta_kib * 1024), max_testset=int(args.max_testset_mib * 2**20),
                     max_weights=int(args.max_weights_mib * 2**20), min_rate=args.min_rate_kib * 1024)
@@ -78,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port-file", default=None, help="write the port here once listening")
     s.add_argument("--token", default=None, help="shared token (prefer --token-file or $FEDFINN_BOARD_TOKEN)")
     s.add_argument("--token-file", default=None)
+    s.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token (anyone reaching the port may use the board)")
     s.add_argument("--batch-size", type=int, default=None, help="default batch size (100)")
     s.add_argument("--max-meta-kib", type=float, default=64)
     s.add_argument("--max-testset-mib", type=float, default=256)

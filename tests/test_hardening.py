@@ -168,3 +168,21 @@ def test_one_poisoned_client_per_round_crashes_nothing_and_median_holds(tmp_path
     clean, robust = results[f"{mode}_median_clean"], results[f"{mode}_median_scale"]
     assert abs(robust["accuracy"] - clean["accuracy"]) <= 0.08, (clean, robust)
     assert results[f"{mode}_mean_scale"]["accuracy"] <= 0.2  # undefended: poisoned, as it should be
+
+
+def test_a_board_agent_beyond_loopback_needs_a_token(tmp_path):
+    """`python -m client_pynq serve --host <not loopback>` without a token used to start without a word."""
+    import subprocess
+    import sys
+
+    from client_pynq.__main__ import exposure_problem, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.7") and not is_loopback("board.local")
+    assert exposure_problem("127.0.0.1", None, False) is None
+    assert exposure_problem("0.0.0.0", "s3cret", False) is None and exposure_problem("0.0.0.0", None, True) is None
+    assert "without a token" in exposure_problem("0.0.0.0", None, False)
+    # the command refuses before it binds anything
+    r = subprocess.run([sys.executable, "-m", "client_pynq", "serve", "--synthetic", "--host", "0.0.0.0", "--port", "0"],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "FEDFINN_BOARD_TOKEN": ""})
+    assert r.returncode == 2 and "without a token" in r.stderr and "listening" not in r.stdout
