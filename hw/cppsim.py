@@ -60,7 +60,7 @@ compared with FINN's Python execution (:func:`compare`).
 Use::
 
     env = prepare_env()                 # raises CppSimUnavailable with what is missing
-    with CppSim(model, env) as sim:     # code generation + compilation (2 jobs)
+    with CppSim(model, env) as sim:     # code generation + compilation (2-4 jobs)
         ctx = sim.run(x_uint8_nhwc)     # every tensor of FINN's cppsim execution
 """
 
@@ -635,7 +635,7 @@ class CppSim:
     outputs to.
     """
 
-    def __init__(self, model, env: CppSimEnv, jobs: int = 2, cache: bool = True):
+    def __init__(self, model, env: CppSimEnv, jobs: int | None = None, cache: bool = True):
         from finn.transformation.fpgadataflow.compile_cppsim import CompileCppSim
         from finn.transformation.fpgadataflow.prepare_cppsim import PrepareCppSim
         from finn.transformation.fpgadataflow.set_exec_mode import SetExecMode
@@ -644,6 +644,7 @@ class CppSim:
 
         if not isinstance(model, ModelWrapper):
             model = ModelWrapper(str(model))
+        jobs = jobs or default_jobs()
         self.env = env
         self._closed = False
         m = copy.deepcopy(model)
@@ -736,6 +737,11 @@ class CppSim:
         feed[inp] = np.asarray(x, dtype=np.float32)
         return execute_onnx(self.model, feed, return_full_exec_context=True,
                             start_node=start_node, end_node=end_node)
+
+
+def default_jobs() -> int:
+    """Parallel compiles: 2, or up to 4 where there are more cores."""
+    return max(2, min(4, os.cpu_count() or 2))
 
 
 @contextlib.contextmanager

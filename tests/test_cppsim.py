@@ -105,7 +105,7 @@ def sims(cppsim_env, tmp_path_factory, cifar10):
         t0 = time.time()
         path = build_folded_model(name, tmp_path_factory.mktemp(name))
         t1 = time.time()
-        sim = cppsim.CppSim(path, cppsim_env, jobs=2)
+        sim = cppsim.CppSim(path, cppsim_env)  # 2 parallel compiles (up to 4 with more cores)
         out[name] = {"sim": sim, "folded": ModelWrapper(str(path))}
         times[name] = {"build_s": round(t1 - t0, 1), "codegen_s": sim.report.codegen_s,
                        "compile_s": sim.report.compile_s, "compiled": len(sim.report.compiled_now),
