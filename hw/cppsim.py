@@ -522,6 +522,9 @@ class CppSimEnv:
 
         names = {"FINN_DEPS": self.finn_deps, "XILINX_HLS": self.xilinx_hls,
                  "FINN_CUSTOM_HLS": self.finn_custom_hls}
+        if not os.environ.get("FINN_BUILD_DIR") and not os.environ.get("FINN_SETTINGS"):
+            names["FINN_BUILD_DIR"] = cache_root() / "finn_build_dir"  # FINN needs one for its settings
+            names["FINN_BUILD_DIR"].mkdir(parents=True, exist_ok=True)
         if object_cache:
             names.update({"PATH": f"{self.gxx_shim()}{os.pathsep}{os.environ.get('PATH', '')}",
                           "FEDFINN_REAL_GXX": _gxx(), "FEDFINN_OBJ_CACHE": cache_root() / "objects"})

@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <deque>
+#include <exception>
 #include <iostream>
 #include <string>
 
@@ -30,7 +31,7 @@ public:
   stream(stream const &) = delete;             // streams are channels, not values
   stream &operator=(stream const &) = delete;
   ~stream() {
-    if (!fifo_.empty()) {
+    if (!fifo_.empty() && std::uncaught_exceptions() == 0) {  // (unwinding: let the exception report)
       std::cerr << "ERROR [fedfinn hls_stream.h]: hls::stream '" << name_ << "' destroyed holding "
                 << fifo_.size() << " unread value(s)" << std::endl;
       std::_Exit(3);
