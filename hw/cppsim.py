@@ -391,7 +391,7 @@ _MODIFIED_NOTICE = ("// NOTE: modified by fedfinn (hw/cppsim.py) for FINN's C++ 
 def build_standin_hls(aptypes_include: Path, aptypes_origin: str) -> Path:
     """The stand-in ``XILINX_HLS`` folder (in the cache): ``include/`` and the empty
     libraries of FINN's link line."""
-    key = _digest(ASSEMBLY_VERSION, tree_digest(aptypes_include), tree_digest(INCLUDE_DIR))[:16]
+    key = _digest(ASSEMBLY_VERSION, tree_digest(aptypes_include), tree_digest(INCLUDE_DIR, (".h",)))[:16]
     dest = cache_root() / f"standin-xilinx-hls-{key}"
     if _complete(dest):
         return dest
@@ -461,7 +461,7 @@ def _probe_hlslib(hlslib: Path, include: Path) -> dict[str, str]:
 def build_hlslib_overlay(hlslib: Path, headers: list[str]) -> Path:
     """A ``FINN_DEPS`` folder whose ``finn-hlslib`` is ``hlslib`` with fedfinn's compat
     ``headers`` in place of the upstream ones (kept as ``fedfinn_upstream/<name>``)."""
-    key = _digest(ASSEMBLY_VERSION, tree_digest(hlslib), tree_digest(COMPAT_DIR), *headers)[:16]
+    key = _digest(ASSEMBLY_VERSION, tree_digest(hlslib), tree_digest(COMPAT_DIR, (".hpp",)), *headers)[:16]
     dest = cache_root() / f"finn-deps-overlay-{key}"
     if _complete(dest):
         return dest
