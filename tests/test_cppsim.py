@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hw.finn_env import finn_available
+from export.finn_env import finn_missing
 
-_ok, _why = finn_available()
-if not _ok:
-    pytest.skip(f"finn-plus is not importable ({_why}); `make install-hw` installs it", allow_module_level=True)
+if finn_missing() is not None:
+    pytest.skip(finn_missing(), allow_module_level=True)
 
 MODELS = ["cnv-w1a1", "cnv-w2a2"]
 N_IMAGES = 3
@@ -49,6 +48,7 @@ def build_folded_model(name: str, out: Path) -> Path:
 
     from export import to_qonnx
     from hw.build import FINAL_STEP, HW_STEPS, find_intermediate, make_config, run_steps
+    from training.data import dataset_stats
     from training.models import build_model
 
     torch.manual_seed(0)
@@ -62,7 +62,8 @@ def build_folded_model(name: str, out: Path) -> Path:
                 mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     qonnx = out / f"{name}.onnx"
     to_qonnx(model.eval(), qonnx)
-    cfg = make_config(qonnx, board="Pynq-Z2", output_dir=out / "build", name=name)
+    mean, std = dataset_stats("cifar10")
+    cfg = make_config(qonnx, board="Pynq-Z2", output_dir=out / "build", name=name, mean=list(mean), std=list(std))
     run_steps(cfg, steps=HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1], echo=None)
     return find_intermediate(out / "build", FINAL_STEP)
 
@@ -95,7 +96,7 @@ def sims(cppsim_env, tmp_path_factory, cifar10):
 
     from client_pynq.dataflow import DataflowModel
     from hw import cppsim
-    from hw.emulate import to_python_exec
+    from finn.util.verification import despecialize_model
 
     x = cifar10.test_x[:N_IMAGES]
     out = {}
@@ -117,7 +118,7 @@ def sims(cppsim_env, tmp_path_factory, cifar10):
         t = time.time()
         res = {"cppsim": [out[name]["sim"].run(x[i : i + 1]) for i in range(len(x))]}
         res["run_s_per_image"] = round((time.time() - t) / len(x), 1)
-        ref = to_python_exec(out[name]["folded"])
+        ref = despecialize_model(out[name]["folded"])
         inp = ref.graph.input[0].name
         res["python"] = [execute_onnx(ref, {inp: x[i : i + 1].astype(np.float32)}, return_full_exec_context=True)
                          for i in range(len(x))]
