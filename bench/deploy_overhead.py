@@ -27,7 +27,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fedfinn.measure import interleaved, machine_load, ratios, timed_command

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from fedfinn.measure import interleaved, machine_load, ratios
+from fedfinn.measure import interleaved, machine_load, ratio_text, ratios, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,14 +85,10 @@ def main() -> int:
             "images_per_s": {k: [round(m["images_per_s"], 1) for m in v] for k, v in runs.items()},
             "images_per_cpu_s": {k: [round(m["images_per_cpu_s"], 1) for m in v] for k, v in runs.items()},
         }
-        r = result["bits"][str(bits)]["after_over_before_time"]
-        print(f"{bits}-bit: after/before time: CPU {r['cpu']['median']:.3f} (min {r['cpu']['min']:.3f}, max "
-              f"{r['cpu']['max']:.3f}), wall {r['wall']['median']:.3f} (min {r['wall']['min']:.3f}, max "
-              f"{r['wall']['max']:.3f})", flush=True)
+        print(f"{bits}-bit: after/before time: {ratio_text(result['bits'][str(bits)]['after_over_before_time'])}",
+              flush=True)
     result["load_after"] = machine_load()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return 0
 
 

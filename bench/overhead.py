@@ -19,7 +19,6 @@ is fedfinn / bare per pair, min / median / max, and the machine's load.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import platform
 import subprocess
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedfinn.measure import interleaved, machine_load, ratios, timed_command
+from fedfinn.measure import interleaved, machine_load, ratio_text, ratios, timed_command, write_json
 from training import data as data_mod
 from training.config import load_config, sampled_per_round
 from training.models import build_model
@@ -143,13 +142,9 @@ def main() -> int:
         "load_before": before, "load_after": machine_load(),
         "runs": runs, "fedfinn_over_bare": ratios(runs["fedfinn"], runs["bare"]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    r = result["fedfinn_over_bare"]
-    print(f"fedfinn / bare over {args.pairs} pairs: CPU {r['cpu']['median']:.3f} (min {r['cpu']['min']:.3f}, "
-          f"max {r['cpu']['max']:.3f}), wall {r['wall']['median']:.3f} (min {r['wall']['min']:.3f}, "
-          f"max {r['wall']['max']:.3f}); load before {before['loadavg_1_5_15']}")
+    write_json(args.out, result)
+    print(f"fedfinn / bare over {args.pairs} pairs: {ratio_text(result['fedfinn_over_bare'])}; "
+          f"load before {before['loadavg_1_5_15']}")
     return 0
 
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedfinn.measure import interleaved, machine_load, ratios, timed_command
+from fedfinn.measure import interleaved, machine_load, ratio_text, ratios, timed_command, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = {"fp32": "compression.entropy_coding=false", "q8": "compression.weight_bits=8",
@@ -62,13 +62,9 @@ def main() -> int:
                         "after": job(REPO, "fedfinn.cli")}, args.pairs)
     result = {"what": __doc__.split("\n\n")[0], "before_tree": args.before_tree, "load_before": before,
               "load_after": machine_load(), "runs": runs, "after_over_before": ratios(runs["after"], runs["before"])}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    r = result["after_over_before"]
-    print(f"quick job after/before: wall {r['wall']['median']:.3f} (min {r['wall']['min']:.3f}, max "
-          f"{r['wall']['max']:.3f}), CPU {r['cpu']['median']:.3f}; after: {[m['wall_s'] for m in runs['after']]} s, "
-          f"before: {[m['wall_s'] for m in runs['before']]} s")
+    write_json(args.out, result)
+    print(f"quick job after/before: {ratio_text(result['after_over_before'])}; after: "
+          f"{[m['wall_s'] for m in runs['after']]} s, before: {[m['wall_s'] for m in runs['before']]} s")
     return 0
 
 

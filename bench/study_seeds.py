@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 from training.config import load_config

@@ -14,11 +14,13 @@ Every benchmark under bench/ that compares two things uses these.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 import psutil
@@ -66,6 +68,20 @@ def _spread(values: list[float]) -> dict:
 def ratios(side: list[dict], reference: list[dict]) -> dict:
     """Per-pair ratios side / reference of CPU time and wall time (min / median / max)."""
     return {key: _spread([a[f"{key}_s"] / b[f"{key}_s"] for a, b in zip(side, reference)]) for key in ("cpu", "wall")}
+
+
+def ratio_text(r: dict) -> str:
+    """One line of :func:`ratios`' result: median (min, max) for CPU and wall time."""
+    return (f"CPU {r['cpu']['median']:.3f} (min {r['cpu']['min']:.3f}, max {r['cpu']['max']:.3f}), "
+            f"wall {r['wall']['median']:.3f} (min {r['wall']['min']:.3f}, max {r['wall']['max']:.3f})")
+
+
+def write_json(path: str | os.PathLike, result: dict) -> Path:
+    """A benchmark's result as indented JSON at ``path`` (its folder made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
 
 
 def machine_load(top: int = 5) -> dict:

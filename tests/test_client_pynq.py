@@ -933,7 +933,6 @@ def test_federated_run_with_emulated_boards(cnv_build, cifar10):
 def _hostile_models() -> dict[str, bytes]:
     """The issue's two: a 399-byte-class model whose constant folding allocates 2^28 floats, and a
     node whose domain names a module to import (``this`` prints on import)."""
-    import onnx
     from onnx import TensorProto, helper
 
     bomb = helper.make_graph(

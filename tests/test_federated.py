@@ -1,6 +1,5 @@
 """End to end: the in-process federation on real CIFAR-10, tiny scale."""
 
-import json
 
 import numpy as np
 import pytest

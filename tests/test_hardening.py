@@ -16,7 +16,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from test_federated import tiny
-from training import codec, updates
+from training import codec
 from training.certs import make_certs
 from training.compress import decode_for, expected_shapes, model_to_message, travelling_values
 from training.flower_compat import set_message_ids

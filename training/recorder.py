@@ -264,12 +264,18 @@ class RunRecord:
         return self.bits != 32 or bool(self.compression.get("client_bits"))
 
 
+def run_config_path(run_dir: str | Path) -> Path:
+    """``run_dir/config.toml``; FileNotFoundError when ``run_dir`` is not a run folder."""
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    return path
+
+
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read ``run_dir`` back; raises if it is not a run folder or has no finished round."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg_path = run_config_path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
         raise ValueError(f"{run_dir} has no finished round (metrics.jsonl is empty)")

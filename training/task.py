@@ -20,7 +20,7 @@ from . import data as data_mod
 from .compress import message_to_model
 from .config import RunConfig, from_dict, load_config
 from .models import build_model, parse_deployable
-from .recorder import checkpoint_path, checkpoint_rounds
+from .recorder import checkpoint_path, checkpoint_rounds, run_config_path
 
 WIRE_STYPE = "fedfinn-codec"  # stype of the single uint8 Array that carries a codec message
 CONFIG_KEY = "fedfinn-config"
@@ -167,9 +167,7 @@ def client_seed(cfg: RunConfig, server_round: int, partition_id: int) -> int:
 def load_round_model(run_dir: str | Path, server_round: int | None = None) -> tuple[RunConfig, torch.nn.Module, int]:
     """(config, model in eval mode, round) of a run folder's checkpoint (the last one if ``server_round`` is None)."""
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg_path = run_config_path(run_dir)
     rounds = checkpoint_rounds(run_dir)
     if not rounds:
         raise FileNotFoundError(f"{run_dir} has no checkpoints (checkpoints/round_NNN.ffnc)")
