@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ def _interrupt_on_sigterm() -> None:
     def to_interrupt(signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, to_interrupt)
+    if threading.current_thread() is threading.main_thread():  # (signals are the main thread's)
+        signal.signal(signal.SIGTERM, to_interrupt)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
