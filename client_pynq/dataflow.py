@@ -5,8 +5,8 @@ never the rest of the project). Nothing here is imported by the board agent
 unless ``--emulate`` is given.
 
 :class:`DataflowModel` runs the folded model of a FINN build (the
-``step_generate_estimate_reports`` model of ``hw build``, or the ``model.onnx``
-of ``hw weights``) on a whole batch of images at once, with the arithmetic of
+``intermediate_models/step_generate_estimate_reports.onnx`` of ``hw build``, or
+the ``model.onnx`` of ``hw weights``) on a whole batch of images at once, with the arithmetic of
 FINN's own Python execution of every HW layer (the reference FINN checks its
 cppsim/rtlsim against):
 
@@ -483,13 +483,16 @@ class DatCodec:
 
 
 def find_folded_model(build: str | os.PathLike) -> Path:
-    """The folded model of a build folder (or a ``hw weights`` output folder, or an .onnx file)."""
+    """The folded model of a build folder (finn-plus's runner saves it as
+    ``intermediate_models/step_generate_estimate_reports.onnx``), of a ``hw weights`` output folder
+    (``model.onnx``), or an .onnx file itself."""
     p = Path(build)
     if p.is_file():
         return p
     if (p / "model.onnx").exists():
         return p / "model.onnx"
-    cands = sorted((p / "intermediate").glob("*_step_generate_estimate_reports.onnx"))
-    if not cands:
-        raise FileNotFoundError(f"{p}: no intermediate/*_step_generate_estimate_reports.onnx (not a `hw build` folder)")
-    return cands[-1]
+    folded = p / "intermediate_models" / "step_generate_estimate_reports.onnx"
+    if not folded.exists():
+        raise FileNotFoundError(f"{p}: no intermediate_models/step_generate_estimate_reports.onnx "
+                                "(not a `hw build` folder)")
+    return folded
