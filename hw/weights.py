@@ -47,14 +47,13 @@ from export.finn_env import prepare
 prepare()
 
 from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds  # noqa: E402
-from finn.util.verification import despecialize_model  # noqa: E402
 from qonnx.core.datatype import DataType  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
 from qonnx.custom_op.registry import getCustomOp  # noqa: E402
 from qonnx.util.cleanup import cleanup_model  # noqa: E402
 
 from . import recipe as R  # noqa: E402
-from .build import FINAL_STEP, find_intermediate, load_config  # noqa: E402
+from .config import FINAL_STEP, find_intermediate, load_config  # noqa: E402
 from .datfiles import LAYOUT_JSON, write_files  # noqa: E402
 
 
@@ -106,6 +105,8 @@ def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple
     """Compare ``new_model`` (the front half of the flow on a round's model) with the build's folded
     model; return the build's model with the new parameters (thresholds rounded and clipped as the
     build did), and the per-layer record."""
+    from finn.util.verification import despecialize_model
+
     nb = [n for n in new_model.graph.node]
     ops_b = [n.op_type for n in despecialize_model(build_model).graph.node]
     ops_n = [n.op_type for n in despecialize_model(new_model).graph.node]
