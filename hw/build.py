@@ -147,8 +147,7 @@ def contained_finn_runner(echo: Callable[[str], None] | None = print) -> Iterato
     import finn.util.logging as finn_logging
 
     root = logging.getLogger()
-    saved = (sys.stdout, sys.stderr, list(root.handlers), root.level, logging.captureWarnings,
-             finn_logging.get_console())
+    saved = (sys.stdout, sys.stderr, list(root.handlers), root.level, finn_logging.get_console())
     warnings_captured = getattr(logging, "_warnings_showwarning", None) is not None
     sink = None
     if echo is None:
@@ -168,7 +167,7 @@ def contained_finn_runner(echo: Callable[[str], None] | None = print) -> Iterato
         root.setLevel(saved[3])
         logging.captureWarnings(warnings_captured)
         sys.stdout, sys.stderr = saved[0], saved[1]
-        finn_logging.set_console(saved[5])
+        finn_logging.set_console(saved[4])
         if sink is not None:
             sink.close()
 
