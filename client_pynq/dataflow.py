@@ -5,8 +5,8 @@ never the rest of the project). Nothing here is imported by the board agent
 unless ``--emulate`` is given.
 
 :class:`DataflowModel` runs the folded model of a FINN build (the
-``step_generate_estimate_reports`` model of ``hw build``, or the ``model.onnx``
-of ``hw weights``) on a whole batch of images at once, with the arithmetic of
+``intermediate_models/step_generate_estimate_reports.onnx`` of ``hw build``, or
+the ``model.onnx`` of ``hw weights``) on a whole batch of images at once, with the arithmetic of
 FINN's own Python execution of every HW layer (the reference FINN checks its
 cppsim/rtlsim against):
 

@@ -143,9 +143,10 @@ def prepare(build_dir: str | os.PathLike | None = None) -> dict:
 
 def _bind_missing_xsi_simengine() -> bool:
     """Work-around 1 (finn-plus 1.6.1): ``finn.builder.build_dataflow_steps`` does ``from finn.xsi
-    import SimEngine``, which finn.xsi resolves lazily and raises OSError for without Vivado; binding
-    the name to None first makes the import a plain attribute lookup (RTL simulation is never used
-    without Vivado). tests/test_hw.py fails if finn.xsi stops resolving the name lazily."""
+    import SimEngine``, which finn.xsi resolves lazily (module ``__getattr__``) and raises OSError for
+    without Vivado; binding the name to None first makes the import a plain attribute lookup (RTL
+    simulation is never used without Vivado). tests/test_hw.py fails if finn.xsi's ``__getattr__``
+    changes (source fingerprint, :data:`LIBRARY_TARGETS`) or the builder stops importing."""
     try:
         import finn.xsi
     except ImportError:  # finn-plus not installed: nothing to work around
@@ -158,18 +159,87 @@ def _bind_missing_xsi_simengine() -> bool:
 def use_finn_build_dir(path: str | os.PathLike) -> Path:
     """Make finn-plus write its generated code (HLS/RTL sources, partitions, driver
     staging) under ``path`` from now on - e.g. ``build/<name>/finn_tmp`` so a
-    build folder holds all of its outputs. finn-plus caches its settings on
-    first use; the cache is dropped so the new folder takes effect."""
+    build folder holds all of its outputs.
+
+    Targets finn-plus 1.6.1: its settings object (``finn.util.settings.get_settings()``,
+    a pydantic ``FINNSettings``) holds ``finn_build_dir``, which finn's ``make_build_dir``
+    reads; the field is set there (as finn's own ``finn config`` command sets it), and
+    ``FINN_BUILD_DIR`` for child processes. tests/test_hw.py fails when finn-plus changes
+    ``get_settings``/``make_build_dir`` (source fingerprints) or stops honouring the field."""
     p = Path(path).absolute()
     p.mkdir(parents=True, exist_ok=True)
     os.environ["FINN_BUILD_DIR"] = str(p)
     try:
-        import finn.util.settings as fs
-
-        fs._SETTINGS = None
-    except ImportError:  # pragma: no cover
-        pass
+        from finn.util.settings import get_settings
+    except ImportError:  # pragma: no cover - finn-plus not installed
+        return p
+    get_settings().finn_build_dir = p
     return p
+
+
+#: The library functions the work-arounds of this module and of hw/ depend on, with the library
+#: version they were written against and a fingerprint of their source (sha256 of
+#: ``inspect.getsource``, first 16 hex digits). :func:`library_drift` lists what changed;
+#: tests/test_hw.py fails on any difference, so a finn-plus/qonnx upgrade cannot silently break a
+#: work-around. Who changes a work-around updates its fingerprints here.
+LIBRARY_TARGETS: dict[str, dict] = {
+    # _bind_missing_xsi_simengine: finn.xsi resolves SimEngine lazily; build_dataflow_steps imports it
+    "finn.xsi.__getattr__": {"dist": "finn-plus", "version": "1.6.1", "source": "79c9a10fafdcea3f"},
+    # use_finn_build_dir
+    "finn.util.settings.get_settings": {"dist": "finn-plus", "version": "1.6.1", "source": "e897565cfd1fa28c"},
+    "finn.util.basic.make_build_dir": {"dist": "finn-plus", "version": "1.6.1", "source": "859a305038c8e7d6"},
+    # hw/packing.py fast_packing
+    "finn.util.data_packing.pack_innermost_dim_as_hex_string": {"dist": "finn-plus", "version": "1.6.1", "source": "be569fa9e20fbdf1"},
+    # hw/emulate.py faster_finn_python_execution
+    "qonnx.custom_op.general.xnorpopcount.xnorpopcountmatmul": {"dist": "qonnx", "version": "1.0.0", "source": "0f01536219eca11a"},
+    "finn.custom_op.fpgadataflow.matrixvectoractivation.MVAU.execute_node": {"dist": "finn-plus", "version": "1.6.1", "source": "69790c5fde837cb9"},
+    # hw/build.py contained_finn_runner
+    "finn.builder.build_dataflow.setup_logging": {"dist": "finn-plus", "version": "1.6.1", "source": "b3e6b29473ae2629"},
+    # hw/recipe.py recording
+    "qonnx.core.modelwrapper.ModelWrapper.get_initializer": {"dist": "qonnx", "version": "1.0.0", "source": "acf96b1bc0e0664c"},
+    "qonnx.core.modelwrapper.ModelWrapper.set_initializer": {"dist": "qonnx", "version": "1.0.0", "source": "2eec0980cc2de94d"},
+    "qonnx.core.modelwrapper.ModelWrapper.rename_tensor": {"dist": "qonnx", "version": "1.0.0", "source": "0db45a4cd64999c2"},
+    "qonnx.core.modelwrapper.ModelWrapper.make_empty_exec_context": {"dist": "qonnx", "version": "1.0.0", "source": "d739d0ca33941104"},
+}
+
+
+def _resolve(qualified: str):
+    import importlib
+
+    parts = qualified.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(qualified)
+
+
+def source_fingerprint(qualified: str) -> str:
+    """sha256 (16 hex digits) of the source of a function/method given by its dotted path."""
+    import hashlib
+    import inspect
+
+    prepare()  # the builder module imports only after the work-arounds
+    return hashlib.sha256(inspect.getsource(_resolve(qualified)).encode()).hexdigest()[:16]
+
+
+def library_drift(targets: dict[str, dict] | None = None) -> list[str]:
+    """What differs from :data:`LIBRARY_TARGETS`: installed versions and source fingerprints."""
+    from importlib.metadata import version
+
+    out = []
+    for qualified, t in (targets or LIBRARY_TARGETS).items():
+        v = version(t["dist"])
+        if v != t["version"]:
+            out.append(f"{qualified}: {t['dist']} {v} installed, written against {t['version']}")
+        fp = source_fingerprint(qualified)
+        if fp != t.get("source"):
+            out.append(f"{qualified}: source fingerprint {fp}, recorded {t.get('source')}")
+    return out
 
 
 def finn_missing() -> str | None:

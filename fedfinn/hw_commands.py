@@ -39,22 +39,23 @@ def cmd_build(args) -> int:
         args.model, board=args.board, output_dir=args.out, name=args.name, target_fps=args.target_fps,
         clock_mhz=args.clock_mhz, folding_config=args.folding_config, fit_to_board=not args.no_fit,
         max_target_fps=args.max_fps, dataset=args.dataset, mean=list(mean), std=list(std),
-        runtime_weights=not args.no_runtime_weights,
+        runtime_weights=not args.no_runtime_weights, mvau_wwidth_max=args.weight_stream_bits,
     )
     rep = build(cfg, echo=None if args.quiet else print)
     out = Path(cfg.output_dir)
     print(f"build: {out}")
     print(f"report: {out / 'report' / 'hw_report.md'}")
     print(json.dumps({k: rep[k] for k in ("board", "clock_mhz", "estimated_images_per_s", "estimated_latency_ms",
-                                          "resources", "utilization", "fits", "build_seconds")}, indent=2))
+                                          "resources", "utilization", "usable", "fits", "build_seconds")}, indent=2))
     return 0
 
 
 def cmd_weights(args) -> int:
     from hw.weights import update_weights
 
-    res = update_weights(args.build, args.model, args.out, echo=None)
-    print(json.dumps({k: res[k] for k in ("out_dir", "seconds", "file_sizes_match_build")}, indent=2))
+    res = update_weights(args.build, args.model, args.out, echo=None, use_recipe=not args.no_recipe)
+    print(json.dumps({k: res[k] for k in ("out_dir", "path", "seconds", "file_sizes_match_build") if k in res}
+                     | {k: res[k] for k in ("why_not_recipe", "new_recipe") if k in res}, indent=2))
     print(f"{len(res['runtime_weight_files'])} runtime-weight files in {res['out_dir']}/runtime_weights")
     return 0
 
@@ -146,6 +147,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--folding-config", default=None, help="FINN folding config JSON (skips the search)")
     b.add_argument("--no-fit", action="store_true", help="plain SetFolding for --target-fps, no budget search")
     b.add_argument("--no-runtime-weights", action="store_true", help="weights baked into the bitstream")
+    b.add_argument("--weight-stream-bits", type=int, default=36,
+                   help="cap of a layer's weight stream per PE, SIMD x weight bits (finn-plus's default 36)")
     b.add_argument("--dataset", default="cifar10", help="data set whose mean/std the model was trained with")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_build)
@@ -154,6 +157,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     w.add_argument("build", help="build folder of `fedfinn hw build`")
     w.add_argument("model", help="QONNX model of the same architecture")
     w.add_argument("--out", default=None, help="output folder (default <build>/rounds/<model stem>)")
+    w.add_argument("--no-recipe", action="store_true",
+                   help="run FINN's front half on the model instead of the build's recorded recipe")
     w.set_defaults(fn=cmd_weights)
 
     e = sub.add_parser("emulate", help="bit-exact Python execution of the folded model on test images")

@@ -4,9 +4,9 @@ Parts and AXI port widths come from finn-plus's own tables
 (``finn.util.basic.pynq_part_map`` / ``pynq_native_port_width``), checked here
 against them in :func:`check_against_finn`. Capacities are the device totals
 from the AMD data sheets (DS190 Zynq-7000, DS891 Zynq UltraScale+): LUTs,
-flip-flops, 36 Kb block RAMs, DSP slices, UltraRAMs. The PYNQ shell (Zynq PS
-interconnect + DMA) also needs some fabric; ``usable`` is the fraction of each
-resource the accelerator may take in the fit check (see hw/build.py).
+flip-flops, 36 Kb block RAMs, DSP slices, UltraRAMs. :data:`USABLE` is the share
+of each resource the whole design may take in the fit check - accelerator, width
+converters, FIFOs, DMAs, AXI-lite adapters and shell all counted (hw/budget.py).
 
 The default clock is the accelerator clock the flow estimates at and
 synthesizes for: 100 MHz on the Zynq-7000 boards (BNN-PYNQ's and FINN's
@@ -46,9 +46,11 @@ class Board:
         return d
 
 
-#: Fraction of each resource the accelerator may use (the rest: PYNQ shell,
-#: DMA, interconnect, routing head-room). Same budget on every board.
-USABLE = {"LUT": 0.85, "FF": 0.85, "BRAM_18K": 0.95, "DSP": 0.95, "URAM": 0.95}
+#: Share of each resource the whole design may use, everything counted (hw/budget.py): 70% of
+#: LUTs and block RAMs leaves head-room for routing and for what an estimate misses (deeper FIFOs
+#: after simulation-based sizing, synthesis differences); DSPs and URAMs are hard blocks without
+#: routing pressure. Same budget on every board. Flip-flops are not checked (no FINN model).
+USABLE = {"LUT": 0.70, "BRAM_18K": 0.70, "DSP": 0.90, "URAM": 0.90}
 
 _Z7020 = dict(part="xc7z020clg400-1", lut=53_200, ff=106_400, bram36=140, dsp=220, uram=0, family="zynq7")
 _ZU3EG = dict(lut=70_560, ff=141_120, bram36=216, dsp=360, uram=0, family="zynquplus")

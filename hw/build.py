@@ -1,11 +1,13 @@
 """The FINN flow: a build configuration plus a list of named steps.
 
-Like FINN's own builder (``finn.builder.build_dataflow``): :class:`HwBuildConfig`
-*is* a FINN ``DataflowBuildConfig`` (a subclass with a few fields of ours), a
-build is a list of step names, each step is a function ``(model, cfg) ->
-model``, and every step leaves its model in
-``<output_dir>/intermediate/NN_<step>.onnx``. Steps named ``step_*`` that are
-not defined here are finn-plus's own (``build_dataflow_step_lookup``).
+A build runs on finn-plus's own builder: :class:`HwBuildConfig` *is* a FINN
+``DataflowBuildConfig`` (a subclass with a few fields of ours, serialized with the
+config's own ``to_json``/``from_json`` as ``build_config.json``), a build is a list
+of step names, the steps written here are registered in finn-plus's step registry
+(``register_build_dataflow_step``), finn-plus's ``resolve_build_steps`` resolves
+them (with ``start_step``/``stop_step``), and ``build_dataflow_cfg`` runs them and
+leaves every step's model in ``<output_dir>/intermediate_models/<step>.onnx``
+(:func:`find_intermediate` is the one lookup).
 
 Steps written here (everything else is finn-plus):
 
@@ -22,26 +24,35 @@ Steps written here (everything else is finn-plus):
   layer gets ``mem_mode=internal_decoupled`` and ``runtime_writeable_weights=1``:
   compile once, load each round's weights over AXI-lite.
 * ``step_fold_to_budget`` - FINN's ``SetFolding`` for a target FPS, searched
-  (bisection on the target) for the fastest folding whose estimated resources
-  fit the board's budget (:data:`hw.boards.USABLE` of its capacity).
+  (bisection on the target) for the fastest folding whose resources fit the
+  board's budget (:data:`hw.boards.USABLE` of its capacity), counted on the graph
+  as the bitstream flow builds it - width converters, FIFOs, DMAs, shell and
+  AXI-lite adapters included (hw/budget.py). Weight streams are capped at
+  ``mvau_wwidth_max`` bits per PE (finn-plus's default, 36).
 * ``step_pynq_driver`` - the PYNQ driver's ``settings.json`` and the
   ``runtime_weights/*.dat`` files, made by finn-plus's ``MakePYNQDriver`` on
-  the model prepared exactly as ``ZynqBuild`` prepares it (IODMAs, width
-  converters, floorplan, partitions) - no Vivado needed.
+  the model prepared as the bitstream flow prepares it (FIFOs and width
+  converters as ``step_set_fifo_depths`` inserts them, then ``ZynqBuild``'s
+  IODMAs, floorplan, partitions) - no Vivado needed.
+* ``step_record_weights_recipe`` - how each runtime-writable tensor derives from
+  the QONNX model's parameters (hw/recipe.py), so later rounds get their
+  ``.dat`` files without FINN's front half.
 * ``step_report`` - ``report/hw_report.json`` and ``report/hw_report.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -49,19 +60,15 @@ from export.finn_env import prepare, use_finn_build_dir
 
 prepare()  # FINN_BUILD_DIR, settings and the no-Vivado work-around, before finn.builder
 
-from finn.builder.build_dataflow_config import (  # noqa: E402
-    AutoFIFOSizingMethod,
-    DataflowBuildConfig,
-    DataflowOutputType,
-    ShellFlowType,
-)
-from finn.builder.build_dataflow_steps import build_dataflow_step_lookup  # noqa: E402
+from finn.builder.build_dataflow import build_dataflow_cfg, resolve_build_steps  # noqa: E402
+from finn.builder.build_dataflow_steps import build_dataflow_step_lookup, register_build_dataflow_step  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 from qonnx.core.datatype import DataType  # noqa: E402
 from qonnx.transformation.insert_topk import InsertTopK  # noqa: E402
 from qonnx.util.cleanup import cleanup_model  # noqa: E402
 from finn.transformation.streamline import Streamline  # noqa: E402
+from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds  # noqa: E402
 from qonnx.transformation.general import GiveReadableTensorNames, GiveUniqueNodeNames, RemoveUnusedTensors  # noqa: E402
 from qonnx.transformation.infer_data_layouts import InferDataLayouts  # noqa: E402
 from qonnx.transformation.infer_datatypes import InferDataTypes  # noqa: E402
@@ -78,233 +85,157 @@ from finn.util.config import extract_model_config_to_json  # noqa: E402
 from finn.transformation.fpgadataflow.create_dataflow_partition import CreateDataflowPartition  # noqa: E402
 from finn.transformation.fpgadataflow.floorplan import Floorplan  # noqa: E402
 from finn.transformation.fpgadataflow.insert_dwc import InsertDWC  # noqa: E402
+from finn.transformation.fpgadataflow.insert_fifo import InsertFIFO  # noqa: E402
 from finn.transformation.fpgadataflow.insert_iodma import InsertIODMA  # noqa: E402
 from finn.transformation.fpgadataflow.make_driver import MakePYNQDriver  # noqa: E402
 from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers  # noqa: E402
 
-from .boards import USABLE, Board, get_board  # noqa: E402
+from .config import (  # noqa: E402,F401  (re-exported: hw.build is where the flow lives)
+    BITSTREAM_STEPS,
+    FINAL_STEP,
+    FRONT_STOP_STEP,
+    HW_STEPS,
+    WEIGHT_STREAM_CAP_BITS,
+    HwBuildConfig,
+    HwBuildError,
+    RuntimeWeightsUnsupported,
+    find_intermediate,
+    intermediate_path,
+    load_config,
+    make_config,
+    save_config,
+)
+from .budget import bitstream_graph, budget_table  # noqa: E402
 from .datfiles import write_layout  # noqa: E402
 from .estimate import estimate  # noqa: E402
+from .folding import cheapest_mvau_folding  # noqa: E402
+from .packing import fast_packing  # noqa: E402
 from .report import write_report  # noqa: E402
 from .transforms import MergeIdenticalTransposes, ReduceMeanToGlobalAccPool  # noqa: E402
 
 log = logging.getLogger("fedfinn.hw")
 
-#: The steps of ``make hw`` (everything that runs without Vivado).
-HW_STEPS = [
-    "step_preprocess_io",
-    "step_qonnx_to_finn",
-    "step_tidy_up",
-    "step_streamline_residual",
-    "step_convert_to_hw",
-    "step_runtime_writeable",
-    "step_minimize_bit_width_initial",
-    "step_create_dataflow_partition",
-    "step_specialize_layers",
-    "step_fold_to_budget",
-    "step_apply_folding_config",
-    "step_minimize_bit_width",
-    "step_generate_estimate_reports",
-    "step_hw_codegen",
-    "step_pynq_driver",
-    "step_report",
-]
-#: The step whose model is the final folded dataflow model (emulation, weights).
-FINAL_STEP = "step_generate_estimate_reports"
-
-#: The steps of ``make bitstream`` (need Vivado + Vitis HLS), run on the model
-#: FINAL_STEP left. All finn-plus's own.
-BITSTREAM_STEPS = [
-    "step_generate_hardware",  # HLS/RTL code, HLS IP synthesis, FIFO sizing
-    "step_create_stitched_ip",
-    "step_synthesize_bitfile",  # ZynqBuild: IODMAs, block design, bitfile + hwh
-    "step_make_driver",
-    "step_deployment_package",
-]
-
-
-@dataclass
-class HwBuildConfig(DataflowBuildConfig):
-    """finn-plus's DataflowBuildConfig plus the fields of fedfinn's steps."""
-
-    #: Name of the build (folder name under build/).
-    name: str = "model"
-    #: Data set the model was trained on, and its per-channel mean/std on a 0..1 scale
-    #: (``step_preprocess_io`` prepends that normalization; the caller passes them in).
-    dataset: str = "cifar10"
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
-    #: Prepend the raw-image input (UINT8 NHWC) and append TopK(1).
-    preprocess_io: bool = True
-    #: Make weights and thresholds runtime-writable (compile once).
-    runtime_weights: bool = True
-    #: Search the fastest folding that fits the board (else: plain target_fps).
-    fit_to_board: bool = True
-    #: Upper bound of the folding search [images/s]; None: the fastest possible.
-    max_target_fps: Optional[int] = None
-    #: Fractions of the board's capacity the accelerator may use.
-    usable: dict[str, float] = field(default_factory=lambda: dict(USABLE))
-    #: Wall time per step [s], filled by :func:`run_steps`.
-    step_times: dict[str, float] = field(default_factory=dict)
-
-    # Builds land in build/<name>/intermediate (FINN: intermediate_models).
-    def get_intermediate_models_directory(self, create: bool = True) -> Path:
-        d = Path(self.output_dir) / "intermediate"
-        if create:
-            d.mkdir(parents=True, exist_ok=True)
-        return d
-
-    @property
-    def board_info(self) -> Board:
-        return get_board(self.board)
-
-    @property
-    def clock_mhz(self) -> float:
-        return 1000.0 / self.synth_clk_period_ns
-
-    def input_stats(self) -> tuple[list[float], list[float]]:
-        if self.mean is None or self.std is None:
-            raise ValueError(f"the build needs the input normalization of {self.dataset!r}: pass mean and std "
-                             "(training.data.dataset_stats)")
-        return list(self.mean), list(self.std)
-
-    def record(self) -> dict:
-        """The fields a later step / weights update needs, as plain JSON."""
-        keys = [
-            "name", "board", "fpga_part", "synth_clk_period_ns", "target_fps", "mvau_wwidth_max",
-            "folding_two_pass_relaxation", "standalone_thresholds", "minimize_bit_width",
-            "dataset", "mean", "std", "preprocess_io", "runtime_weights", "fit_to_board",
-            "max_target_fps", "usable", "folding_config_file", "model_path", "output_dir",
-        ]
-        out = {}
-        for k in keys:
-            v = getattr(self, k)
-            out[k] = str(v) if isinstance(v, Path) else v
-        return out
-
-
-def make_config(
-    model: str | Path,
-    board: str = "Pynq-Z2",
-    output_dir: str | Path | None = None,
-    name: str | None = None,
-    target_fps: int | None = None,
-    clock_mhz: float | None = None,
-    folding_config: str | Path | None = None,
-    **kw: Any,
-) -> HwBuildConfig:
-    """A build configuration for ``model`` on ``board`` with fedfinn's defaults."""
-    b = get_board(board)
-    name = name or Path(model).stem
-    output_dir = Path(output_dir or Path("build") / name)
-    clock = clock_mhz or b.clock_mhz
-    cfg = HwBuildConfig(
-        name=name,
-        model_path=Path(model).absolute(),
-        output_dir=str(output_dir.absolute()),
-        board=b.name,
-        fpga_part=b.part,
-        shell_flow_type=ShellFlowType.VIVADO_ZYNQ,
-        synth_clk_period_ns=1000.0 / clock,
-        target_fps=target_fps,
-        folding_config_file=Path(folding_config).absolute() if folding_config else None,
-        # Thresholds as layers of their own: the only way to make them runtime-writable.
-        standalone_thresholds=True,
-        # Weight streams may be wide: the board budget, not a fixed width, limits SIMD.
-        mvau_wwidth_max=kw.pop("mvau_wwidth_max", 1024),
-        generate_outputs=[
-            DataflowOutputType.ESTIMATE_REPORTS,
-            DataflowOutputType.PYNQ_DRIVER,
-            DataflowOutputType.BITFILE,
-            DataflowOutputType.DEPLOYMENT_PACKAGE,
-        ],
-        # FIFO sizing by FINN's simulation (needs Vivado's xsim; bitstream steps only).
-        auto_fifo_depths=True,
-        auto_fifo_strategy=AutoFIFOSizingMethod.DISTRIBUTED_SIMULATION,
-        steps=list(HW_STEPS),
-        save_intermediate_models=True,
-        **kw,
-    )
-    if cfg.target_fps is None and not cfg.fit_to_board and cfg.folding_config_file is None:
-        raise ValueError("give target_fps, a folding config, or fit_to_board=True")
-    return cfg
-
-
 # --------------------------------------------------------------------------
-# step registry and runner
+# steps in finn-plus's registry; finn-plus's runner
 # --------------------------------------------------------------------------
 
-STEPS: dict[str, Callable[[ModelWrapper, HwBuildConfig], ModelWrapper]] = {}
+
+def register_step(fn: Callable[[ModelWrapper, HwBuildConfig], ModelWrapper]):
+    """Register a step of this module in finn-plus's step registry (by its function name).
+
+    finn-plus refuses a second registration of a name; re-importing this module (e.g.
+    ``importlib.reload``) registers the new function in place of the old one."""
+    old = build_dataflow_step_lookup.get(fn.__name__)
+    if old is not None:
+        if getattr(old, "__module__", None) != fn.__module__:
+            raise ValueError(f"step {fn.__name__} is already registered by {old.__module__}")
+        del build_dataflow_step_lookup[fn.__name__]
+    return register_build_dataflow_step()(fn)
 
 
-def register(fn):
-    STEPS[fn.__name__] = fn
-    return fn
+@contextlib.contextmanager
+def contained_finn_runner(echo: Callable[[str], None] | None = print) -> Iterator[None]:
+    """Run finn-plus's ``build_dataflow_cfg`` in-process without it changing the process for good.
+
+    finn-plus 1.6.1's ``setup_logging`` replaces the root logger's handlers (``basicConfig(force=True)``
+    with the build's log file, plus a rich console handler), captures ``warnings``, wraps
+    ``sys.stdout``/``sys.stderr`` in its ``PrintLogger`` and swaps finn's rich console - and leaves
+    all of that in place after a successful build. ``fedfinn`` runs builds in-process (server, tests),
+    so everything is put back here: streams, root handlers and level (finn's are closed), warning
+    capture, finn's console. ``echo=None`` sends finn's console output to nowhere (its log file keeps
+    it). tests/test_hw.py checks that logging and the streams are the same before and after a build."""
+    import finn.util.logging as finn_logging
+
+    root = logging.getLogger()
+    saved = (sys.stdout, sys.stderr, list(root.handlers), root.level, finn_logging.get_console())
+    warnings_captured = getattr(logging, "_warnings_showwarning", None) is not None
+    sink = None
+    if echo is None:
+        sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
+        sys.stdout = sink
+    try:
+        yield
+    finally:
+        for h in list(root.handlers):
+            if h not in saved[2]:
+                root.removeHandler(h)
+                with contextlib.suppress(Exception):
+                    h.close()
+        for h in saved[2]:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(saved[3])
+        logging.captureWarnings(warnings_captured)
+        sys.stdout, sys.stderr = saved[0], saved[1]
+        finn_logging.set_console(saved[4])
+        if sink is not None:
+            sink.close()
 
 
-def resolve_step(name: str):
-    if name in STEPS:
-        return STEPS[name]
-    if name in build_dataflow_step_lookup:
-        return build_dataflow_step_lookup[name]
-    raise KeyError(f"unknown step {name!r}; fedfinn steps: {', '.join(STEPS)}; finn steps: "
-                   f"{', '.join(build_dataflow_step_lookup)}")
+def _build_error(cfg: HwBuildConfig) -> str:
+    logfile = Path(cfg.output_dir) / "build_dataflow.log"
+    lines = logfile.read_text(errors="replace").splitlines() if logfile.exists() else []
+    errors = [ln for ln in lines if "ERROR" in ln]
+    return (errors[-1] if errors else "no error line in the log") + f" (log: {logfile})"
 
 
-def intermediate_path(cfg: HwBuildConfig, index: int, step: str) -> Path:
-    return cfg.get_intermediate_models_directory() / f"{index:02d}_{step}.onnx"
-
-
-def find_intermediate(output_dir: str | Path, step: str) -> Path:
-    hits = sorted((Path(output_dir) / "intermediate").glob(f"[0-9][0-9]_{step}.onnx"))
-    if not hits:
-        raise FileNotFoundError(f"no intermediate model of {step} in {output_dir}/intermediate (run `make hw` first)")
-    return hits[-1]
-
-
-def run_steps(
-    cfg: HwBuildConfig,
-    steps: list[str] | None = None,
-    model: ModelWrapper | None = None,
-    first_index: int = 1,
-    echo: Callable[[str], None] | None = print,
-    record: str | None = "build_config.json",
-) -> ModelWrapper:
-    """Run ``steps`` (default ``cfg.steps``) in order; save NN_<step>.onnx after each."""
-    steps = list(steps or cfg.steps or HW_STEPS)
+def run_build(cfg: HwBuildConfig, echo: Callable[[str], None] | None = print) -> Path:
+    """Run ``cfg.steps`` (from ``cfg.start_step`` to ``cfg.stop_step``) with finn-plus's
+    ``build_dataflow_cfg``; returns the output folder. Raises :class:`HwBuildError` on failure
+    (inside pytest finn-plus re-raises the step's own exception)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if model is None:
-        model = ModelWrapper(str(cfg.model_path))
     use_finn_build_dir(out / "finn_tmp")  # generated code stays inside the build folder
-    t_total = time.time()
-    for i, name in enumerate(steps):
-        fn = resolve_step(name)
-        t0 = time.time()
-        if echo:
-            echo(f"[hw] {first_index + i:02d} {name} ...")
+    with contained_finn_runner(echo):
+        rc = build_dataflow_cfg(str(cfg.model_path), cfg)
+    if rc != 0:
+        raise HwBuildError(f"build of {cfg.name} failed: {_build_error(cfg)}")
+    return out
+
+
+def run_steps_in_process(cfg: HwBuildConfig, model: ModelWrapper) -> ModelWrapper:
+    """The steps finn-plus's ``resolve_build_steps`` gives for ``cfg`` (``cfg.steps`` from
+    ``start_step`` to ``stop_step``), applied to ``model`` in memory: no log file, no saved models.
+    Used where a build's front half runs on another model (``hw weights``)."""
+    for fn in resolve_build_steps(cfg):
         model = fn(model, cfg)
-        dt = time.time() - t0
-        cfg.step_times[name] = round(dt, 3)
-        if cfg.save_intermediate_models and name != "step_report":
-            model.save(str(intermediate_path(cfg, first_index + i, name)))
-        if echo:
-            echo(f"[hw] {first_index + i:02d} {name} done in {dt:.1f} s")
-    cfg.step_times["total" if first_index == 1 else f"total_from_{steps[0]}"] = round(time.time() - t_total, 3)
-    if record:
-        (out / record).write_text(json.dumps({**cfg.record(), "steps": steps, "step_times": cfg.step_times},
-                                             indent=2))
     return model
 
 
-def build(cfg: HwBuildConfig, echo=print) -> dict:
-    """``make hw``: run all steps; return the report dict."""
+def front_half(cfg: HwBuildConfig, model: ModelWrapper) -> ModelWrapper:
+    """The build's front half (preprocessing ... specialize layers) on ``model``. The few files these
+    steps write (partition models, a specialization template) go to a temporary folder, not into
+    the build."""
+    import tempfile
+
+    wcfg = copy.deepcopy(cfg)
+    wcfg.steps, wcfg.start_step, wcfg.stop_step = list(HW_STEPS), None, FRONT_STOP_STEP
+    with tempfile.TemporaryDirectory(prefix="fedfinn-front-") as tmp:
+        wcfg.output_dir = tmp
+        return run_steps_in_process(wcfg, model)
+
+
+def build(cfg: HwBuildConfig, echo: Callable[[str], None] | None = print) -> dict:
+    """``make hw``: run all steps; return the report dict (and print the budget with ``echo``)."""
     t0 = time.time()
-    run_steps(cfg, echo=echo)
-    report_path = Path(cfg.output_dir) / "report" / "hw_report.json"
+    save_config(cfg)
+    run_build(cfg, echo=echo)
+    rep_dir = Path(cfg.output_dir) / "report"
+    report_path = rep_dir / "hw_report.json"
+    if not report_path.exists():  # a partial build (no step_report)
+        return {}
     rep = json.loads(report_path.read_text())
     rep["build_seconds"] = round(time.time() - t0, 2)
+    tps = rep_dir / "time_per_step.json"
+    if tps.exists():
+        rep["step_times_s"] = json.loads(tps.read_text())
     report_path.write_text(json.dumps(rep, indent=2))
+    from .report import markdown
+
+    (rep_dir / "hw_report.md").write_text(markdown(rep))
+    if echo:
+        for line in budget_table(rep["budget"]):
+            echo(line)
     return rep
 
 
@@ -313,7 +244,7 @@ def build(cfg: HwBuildConfig, echo=print) -> dict:
 # --------------------------------------------------------------------------
 
 
-@register
+@register_step
 def step_preprocess_io(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     """Raw UINT8 NHWC image in (normalization prepended), class index out (TopK 1)."""
     model = cleanup_model(model)
@@ -366,7 +297,7 @@ def step_preprocess_io(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     return model
 
 
-@register
+@register_step
 def step_streamline_residual(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     """FINN's step_streamline, then the rewrites residual models need.
 
@@ -446,11 +377,25 @@ def _weight_layers(model: ModelWrapper):
             yield n
 
 
-@register
+@register_step
 def step_runtime_writeable(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
-    """Weights and thresholds in decoupled memories, writable at run time."""
+    """Weights and thresholds in decoupled memories, writable at run time.
+
+    VVAU (depthwise) layers are refused: finn-plus 1.6.1's ``MakePYNQDriver`` writes runtime-weight
+    files only for MVAU and Thresholding layers, so a runtime-writable VVAU would silently keep the
+    weights it was compiled with."""
     if not cfg.runtime_weights:
-        return model
+        # compiled-in thresholds must lie in their input's range for finn-plus's bit-width
+        # minimization (e.g. the input layer's negative thresholds on unsigned pixels): clip them,
+        # which changes no output (RoundAndClipThresholds, as the runtime path does per round)
+        return model.transform(RoundAndClipThresholds())
+    vvau = [n.name for n in _weight_layers(model) if n.op_type.startswith("VVAU")]
+    if vvau:
+        raise RuntimeWeightsUnsupported(
+            f"{len(vvau)} depthwise (VVAU) layer(s) ({', '.join(vvau[:4])}) cannot be updated at run time: "
+            "finn-plus 1.6.1's driver generator writes runtime-weight files only for MVAU and Thresholding "
+            "layers, so their weights would never change after the first round. Build with "
+            "--no-runtime-weights, or use a model without depthwise convolutions.")
     for n in _weight_layers(model):
         inst = getCustomOp(n)
         attrs = inst.get_nodeattr_types()
@@ -462,17 +407,22 @@ def step_runtime_writeable(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrap
 
 
 def _fold(model: ModelWrapper, cfg: HwBuildConfig, fps: float) -> tuple[ModelWrapper, dict]:
-    """SetFolding for ``fps`` (+ the bit-width minimization the build applies after
-    it, for the estimate); if that does not fit, :func:`rebalance` the memories
-    and multipliers."""
+    """SetFolding for ``fps``, each matrix layer then at its cheapest PE x SIMD meeting the
+    same cycles (hw/folding.py), + the bit-width minimization the build applies after it, for
+    the estimate; if that does not fit, :func:`rebalance` the memories and multipliers."""
     cycles = max(1, int(1e9 / cfg.synth_clk_period_ns / fps))
     m = model.transform(SetFolding(cycles, mvau_wwidth_max=cfg.mvau_wwidth_max,
                                    two_pass_relaxation=cfg.folding_two_pass_relaxation))
+    cap = cfg.board_info.capacity()
+    cheapest_mvau_folding(m, cfg.fpga_part, cycles, cfg.mvau_wwidth_max,
+                          {k: cfg.usable.get(k, 1.0) * cap[k] for k in _RES})
     m = m.transform(GiveUniqueNodeNamesRecursive())
     probe = build_dataflow_step_lookup["step_minimize_bit_width"](m, cfg)
     est = estimate(probe, cfg)
     if not est["fits"] and cfg.fit_to_board:
-        moves = rebalance(probe, cfg)
+        layers = _layer_total(probe, cfg)  # what rebalancing can change; the rest stays as counted
+        offset = {k: est["resources"][k] - layers[k] for k in _RES}
+        moves = rebalance(probe, cfg, offset=offset)
         if moves:
             _apply_moves(m, moves)
             _apply_moves(probe, moves)
@@ -496,7 +446,14 @@ def _score(total: dict, cfg: HwBuildConfig) -> tuple[float, float]:
     return (sum(max(0.0, r - 1.0) for r in ratios), max(ratios))
 
 
-def rebalance(model: ModelWrapper, cfg: HwBuildConfig, max_moves: int = 60) -> list[tuple[str, str, str]]:
+def _layer_total(model: ModelWrapper, cfg: HwBuildConfig) -> dict:
+    nodes = [n for n in model.graph.node if is_hls_node(n) or is_rtl_node(n)]
+    res = [getHWCustomOp(n).node_res_estimation(cfg.fpga_part) for n in nodes]
+    return {k: sum(float(r.get(k, 0)) for r in res) for k in _RES}
+
+
+def rebalance(model: ModelWrapper, cfg: HwBuildConfig, max_moves: int = 60,
+              offset: dict | None = None) -> list[tuple[str, str, str]]:
     """Greedy trade between LUTs, BRAM, DSPs and URAM for a folding that does not fit.
 
     FINN chooses each layer's memory (``ram_style``: block / distributed /
@@ -504,15 +461,17 @@ def rebalance(model: ModelWrapper, cfg: HwBuildConfig, max_moves: int = 60) -> l
     a BRAM-bound design can move small weight memories to LUTRAM, a LUT-bound
     one MACs to idle DSPs, and so on. Each move is the single change of one
     layer attribute that most reduces the excess over the budget (estimates
-    from finn-plus's per-layer res_estimation). Returns the moves
-    ``(layer, attribute, value)``; ``model`` is left unchanged.
+    from finn-plus's per-layer res_estimation; ``offset`` is the rest of the
+    budget - width converters, FIFOs, DMAs, shell - which the moves do not
+    change). Returns the moves ``(layer, attribute, value)``; ``model`` is
+    left unchanged.
     """
     part = cfg.fpga_part
     model = ModelWrapper(copy.deepcopy(model.model))  # work on a copy
     nodes = [n for n in model.graph.node if is_hls_node(n) or is_rtl_node(n)]
     insts = {n.name: getHWCustomOp(n) for n in nodes}
     cur = {name: inst.node_res_estimation(part) for name, inst in insts.items()}
-    total = {k: sum(float(r.get(k, 0)) for r in cur.values()) for k in _RES}
+    total = {k: sum(float(r.get(k, 0)) for r in cur.values()) + (offset or {}).get(k, 0.0) for k in _RES}
     state = {name: {a: inst.get_nodeattr(a) for a in REBALANCE_ATTRS if a in inst.get_nodeattr_types()}
              for name, inst in insts.items()}
 
@@ -564,7 +523,7 @@ def _apply_moves(model: ModelWrapper, moves) -> None:
         getHWCustomOp(model.get_node_from_name(name)).set_nodeattr(a, v)
 
 
-@register
+@register_step
 def step_fold_to_budget(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     """Folding (PE/SIMD) from a target FPS, limited by the board's resource budget.
 
@@ -594,8 +553,8 @@ def step_fold_to_budget(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper
             if est_lo["fits"]:
                 best = (m_lo, est_lo)
                 lo = max(lo, est_lo["fps"])
-                for _ in range(12):
-                    if hi / lo < 1.03:
+                for _ in range(16):
+                    if hi / lo < 1.005:
                         break
                     mid = math.sqrt(lo * hi)
                     m_mid, est_mid = _fold(model, cfg, mid)
@@ -621,31 +580,28 @@ def _brief(est: dict) -> dict:
             "utilization": {k: round(v, 4) for k, v in est["utilization"].items()}}
 
 
-@register
+@register_step
 def step_pynq_driver(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     """PYNQ driver settings + runtime-weight files, without Vivado.
 
-    Applies ZynqBuild's model preparation (InsertIODMA, InsertDWC,
-    SpecializeLayers, Floorplan, CreateDataflowPartition) to a copy of the
-    model, then finn-plus's MakePYNQDriver. The returned model is unchanged.
-    """
+    Applies the bitstream flow's model preparation (:func:`bitstream_graph`, then ``ZynqBuild``'s
+    floorplan and partitions) to a copy of the model, then finn-plus's MakePYNQDriver. The
+    returned model is unchanged."""
     drv = make_driver_files(model, cfg, cfg.get_driver_directory())
     log.info("driver written to %s", drv)
     return model
 
 
-def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) -> Path:
-    board = cfg.board_info
-    m = model.transform(InferDataLayouts())
-    part_dir = cfg.get_intermediate_models_directory() / "driver_partitions"
+def driver_parent(model: ModelWrapper, cfg: HwBuildConfig, part_dir: Path) -> ModelWrapper:
+    """The partitioned model the driver is generated from, with the DMA instance names
+    ``MakeZYNQProject`` gives (the driver looks the DMAs up by name)."""
+    m = bitstream_graph(model, cfg.fpga_part, cfg.board_info.axi_port_width)
     if part_dir.exists():
         shutil.rmtree(part_dir)
-    for t in (InsertIODMA(board.axi_port_width), InsertDWC(), SpecializeLayers(board.part), Floorplan(),
-              CreateDataflowPartition(partition_model_dir=str(part_dir))):
+    for t in (Floorplan(), CreateDataflowPartition(partition_model_dir=str(part_dir))):
         m = m.transform(t)
         m = m.transform(GiveUniqueNodeNames())
         m = m.transform(GiveReadableTensorNames())
-    # instance names as MakeZYNQProject gives them (the driver looks the DMAs up by name)
     idma = odma = 0
     for sdp in m.get_nodes_by_op_type("StreamingDataflowPartition"):
         if m.find_producer(sdp.input[0]) is None:
@@ -655,9 +611,16 @@ def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) ->
         else:
             name = sdp.name
         getCustomOp(sdp).set_nodeattr("instance_name", name)
+    return m
+
+
+def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) -> Path:
+    part_dir = cfg.get_intermediate_models_directory() / "driver_partitions"
+    m = driver_parent(model, cfg, part_dir)
     m.save(str(part_dir / "driver_parent.onnx"))
-    m = m.transform(MakePYNQDriver("zynq-iodma", "FINNDMAOverlay", clk_period_ns=cfg.synth_clk_period_ns,
-                                   validation_datset=None, board=cfg.board))
+    with fast_packing():  # finn's weight-file writer, with the vectorized packer (hw/packing.py)
+        m = m.transform(MakePYNQDriver("zynq-iodma", "FINNDMAOverlay", clk_period_ns=cfg.synth_clk_period_ns,
+                                       validation_datset=None, board=cfg.board))
     src = Path(m.get_metadata_prop("pynq_driver_dir"))
     out_dir = Path(out_dir)
     if (out_dir / "runtime_weights").exists():
@@ -668,7 +631,19 @@ def make_driver_files(model: ModelWrapper, cfg: HwBuildConfig, out_dir: Path) ->
     return out_dir
 
 
-@register
+@register_step
+def step_record_weights_recipe(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
+    """How each runtime-writable tensor derives from the QONNX model's parameters (hw/recipe.py):
+    recorded once here, replayed by ``hw weights`` for every later round."""
+    if not cfg.runtime_weights:
+        return model
+    from .recipe import record_for_build
+
+    record_for_build(cfg, model)
+    return model
+
+
+@register_step
 def step_report(model: ModelWrapper, cfg: HwBuildConfig) -> ModelWrapper:
     write_report(cfg, model)
     return model

@@ -133,3 +133,64 @@ def write_layout(parent: ModelWrapper, weights_dir: Path) -> Path:
     path = weights_dir / LAYOUT_JSON
     path.write_text(json.dumps({"version": LAYOUT_VERSION, "files": files}, indent=1))
     return path
+
+
+def encode(meta: dict, lsb: np.ndarray, index: np.ndarray, tensor: np.ndarray) -> str:
+    """The text of a runtime-weight file for ``tensor``, from the layout :func:`measure_layout` measured:
+    the inverse of client_pynq.dataflow.DatCodec. Bit-identical to finn-plus's
+    ``make_weight_file(..., "decoupled_runtime", ...)`` (tests/test_hw.py)."""
+    t = np.asarray(tensor, dtype=np.float64)
+    if list(t.shape) != list(meta["shape"]):
+        raise ValueError(f"{meta['layer']}: tensor of shape {list(t.shape)}, the file holds {meta['shape']}")
+    width = int(meta["width"])
+    vals = t.reshape(-1)
+    if not np.all(vals == np.round(vals)):
+        raise ValueError(f"{meta['layer']}: runtime weights must be integers")
+    v = vals.astype(np.int64)
+    if meta["bipolar"]:
+        if not np.isin(v, (-1, 1)).all():
+            raise ValueError(f"{meta['layer']}: bipolar weights must be -1 or +1")
+        codes = (v + 1) // 2
+    else:
+        dt = DataType[meta["dtype"]]
+        if v.min(initial=0) < dt.min() or v.max(initial=0) > dt.max():
+            raise ValueError(f"{meta['layer']}: values [{v.min()}, {v.max()}] do not fit {meta['dtype']}")
+        codes = v & ((1 << width) - 1)  # two's complement for signed types
+    bits = np.zeros(int(meta["words"]) * 32, dtype=np.uint8)
+    field = codes[index]
+    for j in range(width):
+        bits[lsb + j] = (field >> j) & 1
+    words = np.packbits(bits, bitorder="little").view("<u4")
+    # each word as 8 lowercase hex digits and a newline (finn's format), without a Python loop
+    hexed = np.frombuffer(words.astype(">u4").tobytes().hex().encode(), dtype=np.uint8).reshape(-1, 8)
+    lines = np.concatenate([hexed, np.full((len(hexed), 1), ord("\n"), dtype=np.uint8)], axis=1)
+    return lines.tobytes().decode("ascii")
+
+
+def load_layout(weights_dir: Path) -> tuple[dict, dict]:
+    """(file name -> meta, arrays) of a build's runtime-weight layout."""
+    weights_dir = Path(weights_dir)
+    files = json.loads((weights_dir / LAYOUT_JSON).read_text())["files"]
+    with np.load(weights_dir / LAYOUT_NPZ, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return files, arrays
+
+
+def write_files(model: ModelWrapper, layout_dir: Path, out_dir: Path) -> list[str]:
+    """Write every runtime-weight file of the layout in ``layout_dir`` from the same-named layers of
+    ``model`` (numpy only; no FINN packing), and copy the layout files along."""
+    import shutil
+
+    files, arrays = load_layout(layout_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for fname, meta in sorted(files.items()):
+        node = model.get_node_from_name(meta["layer"])
+        if node is None:
+            raise KeyError(f"{fname}: the model has no layer {meta['layer']}")
+        k = meta["arrays"]
+        text = encode(meta, arrays[f"lsb_{k}"], arrays[f"index_{k}"], model.get_initializer(node.input[1]))
+        (out_dir / fname).write_text(text)
+    for name in (LAYOUT_JSON, LAYOUT_NPZ):
+        shutil.copy(Path(layout_dir) / name, out_dir / name)
+    return sorted(files)

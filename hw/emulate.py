@@ -20,6 +20,7 @@ numpy engine (client_pynq.dataflow), for layers it has no kernel for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,8 +40,10 @@ from qonnx.core.onnx_exec import execute_onnx as qonnx_execute_onnx  # noqa: E40
 from qonnx.custom_op.registry import getCustomOp  # noqa: E402
 from qonnx.util.cleanup import cleanup_model  # noqa: E402
 
-#: The library versions the two speed-ups below replace functions of (tests/test_hw.py checks them).
-SPEEDUP_TARGETS = {"qonnx": "1.0.0", "finn-plus": "1.6.1"}
+#: The library functions the speed-ups below replace, with the versions and source fingerprints they
+#: were written against, are listed in export.finn_env.LIBRARY_TARGETS (tests/test_hw.py checks them).
+SPEEDUP_TARGETS = ("qonnx.custom_op.general.xnorpopcount.xnorpopcountmatmul",
+                   "finn.custom_op.fpgadataflow.matrixvectoractivation.MVAU.execute_node")
 
 
 def _xnorpopcountmatmul(inp0, inp1):
@@ -69,19 +72,25 @@ class _NumpyWithFlatMatmul:
         return np.matmul(a, b, *args, **kw)
 
 
-def speed_up_finn_python_execution() -> None:
-    """Two drop-ins inside FINN's Python execution, same arithmetic, ~100x faster on CNV layers.
+@contextlib.contextmanager
+def faster_finn_python_execution():
+    """Two drop-ins inside FINN's Python execution for the duration of a ``with`` block: same
+    arithmetic, ~100x faster on CNV layers.
 
     * qonnx 1.0.0's ``xnorpopcountmatmul`` multiplies a (1, H, W, K) stack by (K, N) as a batched numpy
       matmul (~0.7 s per CNV layer); :func:`_xnorpopcountmatmul` does one 2-D BLAS call (~4 ms).
     * finn-plus 1.6.1's MVAU ``execute_node`` calls ``np.matmul`` on the same shapes: the module's ``np``
       becomes :class:`_NumpyWithFlatMatmul`.
-    Integer operands far below 2^24: identical results (tests/test_hw.py compares them with the originals
-    and fails if either library stops calling these names).
-    """
+    Integer operands far below 2^24: identical results. The originals are put back on exit.
+    tests/test_hw.py compares both with the originals and fails when either library function
+    changes (export.finn_env.LIBRARY_TARGETS)."""
+    saved = (_xnorpopcount.xnorpopcountmatmul, _mvau.np)
     _xnorpopcount.xnorpopcountmatmul = _xnorpopcountmatmul
-    if not isinstance(_mvau.np, _NumpyWithFlatMatmul):
-        _mvau.np = _NumpyWithFlatMatmul()
+    _mvau.np = _NumpyWithFlatMatmul()
+    try:
+        yield
+    finally:
+        _xnorpopcount.xnorpopcountmatmul, _mvau.np = saved
 
 
 class Emulator:
@@ -96,7 +105,6 @@ class Emulator:
     def __init__(self, model: ModelWrapper | str | Path, sanitize: bool = False):
         if not isinstance(model, ModelWrapper):
             model = ModelWrapper(str(model))
-        speed_up_finn_python_execution()
         self.sanitize = sanitize
         self.model = despecialize_model(model)
         self.inp = self.model.graph.input[0].name
@@ -113,9 +121,10 @@ class Emulator:
         old = os.environ.get("SANITIZE_QUANT_TENSORS")
         os.environ["SANITIZE_QUANT_TENSORS"] = "1" if self.sanitize else "0"
         try:
-            for i in range(x.shape[0]):
-                y = execute_onnx(self.model, {self.inp: x[i : i + 1].astype(np.float32)})[self.out]
-                out.append(int(np.asarray(y).reshape(-1)[0]))
+            with faster_finn_python_execution():
+                for i in range(x.shape[0]):
+                    y = execute_onnx(self.model, {self.inp: x[i : i + 1].astype(np.float32)})[self.out]
+                    out.append(int(np.asarray(y).reshape(-1)[0]))
         finally:
             if old is None:
                 os.environ.pop("SANITIZE_QUANT_TENSORS", None)
@@ -154,6 +163,11 @@ def finn_fallback(model: ModelWrapper, layer: str, inputs: dict[str, np.ndarray]
     node = generic.get_node_from_name(layer)
     inst = getCustomOp(node)
     params = {t for t in node.input if generic.get_initializer(t) is not None}
+    with faster_finn_python_execution():
+        return _finn_fallback(generic, node, inst, params, inputs, n)
+
+
+def _finn_fallback(generic, node, inst, params, inputs, n):
     outs: list[list[np.ndarray]] = [[] for _ in node.output]
     for i in range(n):
         ctx = {t: (v if t in params else v[i : i + 1].reshape(generic.get_tensor_shape(t)))

@@ -7,7 +7,12 @@ numpy bit operations (integer, binary and bipolar types; anything else falls
 back to finn's function), and :func:`fast_packing` swaps it into the layer
 modules for the duration of a ``with`` block. tests/test_hw.py checks it
 string for string against finn's and the resulting ``.dat`` files byte for
-byte against the ones finn's driver generator wrote.
+byte against the ones finn's weight-file writer makes with its own packer.
+
+Targets finn-plus 1.6.1 (``finn.util.data_packing.pack_innermost_dim_as_hex_string``,
+imported by name into the layer modules of :data:`_MODULES`); its version and source
+fingerprint are recorded in export.finn_env.LIBRARY_TARGETS and checked by
+tests/test_hw.py, which fails when finn-plus changes the function.
 """
 
 from __future__ import annotations

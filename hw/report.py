@@ -53,6 +53,7 @@ def write_report(cfg, model: ModelWrapper) -> dict:
         ops = json.loads((rep_dir / "op_and_param_counts.json").read_text()).get("total", {})
     per_layer = model.analysis(lambda m: res_estimation(m, cfg.fpga_part))
     no_lut = [name for name, r in per_layer.items() if float(r.get("LUT", 0)) == 0.0]
+    b = est["budget"]
     search = []
     if (rep_dir / "folding_search.json").exists():
         search = json.loads((rep_dir / "folding_search.json").read_text())
@@ -69,9 +70,11 @@ def write_report(cfg, model: ModelWrapper) -> dict:
         "critical_path_cycles": est["critical_path_cycles"],
         "resources": {k: round(est["resources"][k], 1) for k in RES_KEYS},
         "capacity": cap,
-        "utilization": {k: round(est["utilization"][k], 4) for k in RES_KEYS},
-        "budget": {k: cfg.usable.get(k, 1.0) for k in RES_KEYS},
+        "utilization": {k: round(est["utilization"][k], 4) for k in RES_KEYS if k in est["utilization"]},
+        "usable": {k: b["usable"][k] for k in b["usable"]},
         "fits": est["fits"],
+        "budget": b,
+        "weight_stream_cap_bits_per_pe": cfg.mvau_wwidth_max,
         "bram36_equivalent": round(est["resources"]["BRAM_18K"] / 2, 1),
         "ff_estimated": False,
         "layers_without_lut_estimate": no_lut,
@@ -80,13 +83,13 @@ def write_report(cfg, model: ModelWrapper) -> dict:
         "runtime_weights": cfg.runtime_weights,
         "runtime_weight_files": rt_files,
         "folding_search": search,
-        "step_times_s": dict(cfg.step_times),
         "vivado": vivado_info().as_dict(),
         "finn_plus": version("finn-plus"),
-        "estimate_source": "finn-plus analytical estimates (res_estimation, dataflow_performance); "
-        "not post-synthesis numbers. finn-plus estimates no flip-flops, and no LUTs for the layers in "
-        "layers_without_lut_estimate (RTL MVAUs, padding, stream duplication, ...): their LUTs are "
-        "missing from the LUT total",
+        "estimate_source": "finn-plus analytical estimates (res_estimation, dataflow_performance) on the "
+        "graph as the bitstream flow builds it (width converters, minimal FIFOs, DMAs), plus stated "
+        "per-instance figures for what finn-plus does not model (DMAs, layers it gives 0 LUT, the "
+        "AXI-lite adapters of runtime-writable layers) and the shell: see budget.lines and their "
+        "sources. Not post-synthesis numbers; flip-flops only for the stated parts",
     }
     (rep_dir / "hw_report.json").write_text(json.dumps(rep, indent=2))
     (rep_dir / "hw_report.md").write_text(markdown(rep))
@@ -107,26 +110,34 @@ def markdown(rep: dict) -> str:
         " (budget = share of capacity left to the accelerator)",
         f"- runtime-writable weight/threshold files: {len(rep['runtime_weight_files'])}",
         "",
-        "| resource | estimate | capacity | utilization | budget |",
-        "|---|---:|---:|---:|---:|",
+        "The budget, part by part (stated figures are labelled; sources in hw/budget.py):",
+        "",
+        "| part | count | LUT | BRAM_18K | DSP | source |",
+        "|---|---:|---:|---:|---:|---|",
     ]
-    for k in RES_KEYS:
-        if k == "FF":
-            lines.append(f"| FF | not estimated | {rep['capacity'][k]:,} | - | - |")
-            continue
+    b = rep["budget"]
+    for g in b["lines"]:
+        lines.append(f"| {g['part']} | {g['count']} | {g['LUT']:,.0f} | {g['BRAM_18K']:,.1f} | {g['DSP']:,.0f} | "
+                     f"{g['source']} |")
+    lines += ["", "| resource | total | capacity | utilization | budget |", "|---|---:|---:|---:|---:|"]
+    for k in ("LUT", "BRAM_18K", "DSP", "URAM"):
         lines.append(
             f"| {k} | {rep['resources'][k]:,.0f} | {rep['capacity'][k]:,} | "
-            f"{100 * rep['utilization'][k]:.1f}% | {100 * rep['budget'][k]:.0f}% |"
+            f"{100 * rep['utilization'][k]:.1f}% | {100 * rep['usable'][k]:.0f}% |"
         )
+    lines.append(f"| FF | {rep['resources']['FF']:,.0f} (stated parts only) | {rep['capacity']['FF']:,} | - | "
+                 "not checked |")
+    lines += ["", "Not counted: " + "; ".join(b["not_counted"]) + "."]
     if rep["layers_without_lut_estimate"]:
-        lines += ["", f"LUT total without {len(rep['layers_without_lut_estimate'])} layers finn-plus has no LUT "
-                  "model for: " + ", ".join(rep["layers_without_lut_estimate"])]
+        lines += ["", f"{len(rep['layers_without_lut_estimate'])} layers finn-plus has no LUT model for (counted "
+                  "with the stated stand-in): " + ", ".join(rep["layers_without_lut_estimate"])]
     lines += ["", "| layer | op | PE | SIMD | weights | cycles |", "|---|---|---:|---:|---|---:|"]
     for r in rep["layers"]:
         lines.append(
             f"| {r['name']} | {r['op_type']} | {r.get('PE', '')} | {r.get('SIMD', '')} | "
             f"{r.get('weightDataType', '')} | {r.get('cycles_estimate', '')} |"
         )
-    lines += ["", "Step times (s): " + ", ".join(f"{k} {v:g}" for k, v in rep["step_times_s"].items()), "",
-              f"Estimates: {rep['estimate_source']}.", ""]
+    if rep.get("step_times_s"):
+        lines += ["", "Step times (s): " + ", ".join(f"{k} {v:g}" for k, v in rep["step_times_s"].items())]
+    lines += ["", f"Estimates: {rep['estimate_source']}.", ""]
     return "\n".join(lines)

@@ -1,23 +1,31 @@
 """Compile once, update every round: new runtime-weight files for an existing build.
 
-``fedfinn hw weights BUILD MODEL`` takes a later round's QONNX model of the
-same architecture and
+``fedfinn hw weights BUILD MODEL`` takes a later round's QONNX model of the same
+architecture and
 
-1. runs the build's front half on it (preprocess ... specialize layers: no
-   folding search, no code generation - seconds);
-2. checks it against the build's folded model node by node: same layers in
-   the same order, same tensor shapes, same data types (weight, activation,
-   accumulator bit widths), same non-weight attributes, same values of every
-   parameter that is not runtime-writable. Any difference raises
-   :class:`WeightsMismatch` naming the layer and what differs: the bitstream
-   would compute something else, so the model needs a new ``make hw``;
-3. copies the new weights and thresholds into the build's folded model (its
-   folding, memory layout and data types stay), rounds and clips thresholds
-   exactly as the build did (RoundAndClipThresholds with the build's data
-   types) and checks every value fits the compiled bit width;
-4. writes ``runtime_weights/*.dat`` (finn-plus's MakePYNQDriver, the same files
-   and names the build wrote), ``model.onnx`` (the updated folded model, for
-   emulation) and ``weights.json`` into the output folder.
+1. checks it against the build's QONNX model (same nodes and attributes, same
+   quantizer bit widths and signedness, same parameter shapes; a second);
+   :class:`WeightsMismatch` names what differs;
+2. computes the round's integer weights and thresholds:
+
+   * **recipe** (the fast path): the build recorded how each runtime-writable
+     tensor derives from the QONNX parameters (hw/recipe.py,
+     ``<build>/weights_recipe.pkl``); replaying it is numpy on a few hundred
+     operations. Every decision finn-plus took on parameter values is checked
+     (guards);
+   * **finn** (when there is no validated recipe or a guard comes out
+     differently): finn-plus's front half on the model, recorded - its result is
+     checked against the build's folded model node by node (layers, shapes, bit
+     widths, attributes, non-writable parameters: :func:`check_and_patch`) and its
+     recording becomes the build's recipe for the next rounds once validated;
+
+3. copies the tensors into the build's folded model (folding, memory layout and
+   data types stay), rounds and clips thresholds exactly as the build did
+   (RoundAndClipThresholds with the build's data types) and checks every value
+   fits the compiled bit width;
+4. writes ``runtime_weights/*.dat`` with numpy from the layout the build measured
+   (hw/datfiles.py: bit-identical to finn-plus's files), ``model.onnx`` (the
+   updated folded model, for emulation) and ``weights.json``.
 
 The board driver (``finn-plus-driver``: ``FINNDMAOverlay.load_runtime_weights``)
 writes the ``.dat`` files over AXI-lite; no new bitstream.
@@ -25,6 +33,7 @@ writes the ``.dat`` files over AXI-lite; no new bitstream.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -42,11 +51,10 @@ from qonnx.core.datatype import DataType  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
 from qonnx.custom_op.registry import getCustomOp  # noqa: E402
 from qonnx.util.cleanup import cleanup_model  # noqa: E402
-from finn.util.verification import despecialize_model  # noqa: E402
 
-from .build import FINAL_STEP, HW_STEPS, HwBuildConfig, find_intermediate, make_config, make_driver_files, run_steps  # noqa: E402,E501
-from .datfiles import LAYOUT_JSON, LAYOUT_NPZ  # noqa: E402
-from .packing import fast_packing  # noqa: E402
+from . import recipe as R  # noqa: E402
+from .config import FINAL_STEP, find_intermediate, load_config  # noqa: E402
+from .datfiles import LAYOUT_JSON, write_files  # noqa: E402
 
 
 class WeightsMismatch(ValueError):
@@ -67,25 +75,6 @@ IMPL_ATTRS = {
 #: Attributes compared as bit widths (reported as such).
 DTYPE_ATTRS = {"weightDataType", "inputDataType", "outputDataType", "accDataType", "inputDataType0",
                "inputDataType1", "lhs_dtype", "rhs_dtype", "out_dtype"}
-
-
-def load_config(build_dir: str | Path) -> HwBuildConfig:
-    build_dir = Path(build_dir)
-    p = build_dir / "build_config.json"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found: {build_dir} is not a finished `make hw` build")
-    rec = json.loads(p.read_text())
-    kw = {k: rec[k] for k in ("dataset", "mean", "std", "preprocess_io", "runtime_weights", "fit_to_board",
-                              "max_target_fps", "usable", "minimize_bit_width") if k in rec}
-    cfg = make_config(rec["model_path"], board=rec["board"], output_dir=build_dir, name=rec["name"],
-                      target_fps=rec["target_fps"], clock_mhz=1000.0 / rec["synth_clk_period_ns"],
-                      folding_config=rec.get("folding_config_file"), mvau_wwidth_max=rec["mvau_wwidth_max"], **kw)
-    cfg.step_times = rec.get("step_times", {})
-    return cfg
-
-
-def _front_steps() -> list[str]:
-    return HW_STEPS[: HW_STEPS.index("step_specialize_layers") + 1]
 
 
 def _param_inputs(model: ModelWrapper, node) -> list[tuple[int, str]]:
@@ -113,8 +102,11 @@ def _attrs(node) -> dict:
 
 
 def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple[ModelWrapper, list[dict]]:
-    """Compare ``new_model`` (front half of the flow) with the build's folded model;
-    return the build's model with the new parameters, and the per-layer record."""
+    """Compare ``new_model`` (the front half of the flow on a round's model) with the build's folded
+    model; return the build's model with the new parameters (thresholds rounded and clipped as the
+    build did), and the per-layer record."""
+    from finn.util.verification import despecialize_model
+
     nb = [n for n in new_model.graph.node]
     ops_b = [n.op_type for n in despecialize_model(build_model).graph.node]
     ops_n = [n.op_type for n in despecialize_model(new_model).graph.node]
@@ -133,12 +125,11 @@ def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple
 
     patched = ModelWrapper(build_model.model.__deepcopy__())
     problems = []
-    record = []
-    for b, n in zip(patched.graph.node, nb):
+    tensors = {}
+    for pos, (b, n) in enumerate(zip(patched.graph.node, nb)):
         where = f"layer {b.name} ({b.op_type})"
         if b.op_type != n.op_type:
             problems.append(f"{where}: implemented as {n.op_type} for this model (bit widths changed?)")
-        # tensor shapes of data inputs/outputs
         for kind, tb, tn in [("input", b.input[0], n.input[0]), ("output", b.output[0], n.output[0])]:
             sb, sn = patched.get_tensor_shape(tb), new_model.get_tensor_shape(tn)
             if list(sb) != list(sn):
@@ -162,17 +153,34 @@ def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple
                 if not np.array_equal(vb, vn):
                     problems.append(f"{where}: parameter {i} changed but is not runtime-writable")
                 continue
-            patched.set_initializer(tb, vn.astype(np.float32))
-            record.append({"layer": b.name, "op_type": b.op_type, "input": i, "shape": list(vn.shape),
-                           "changed": int(np.count_nonzero(vb != vn))})
+            if i == 1:
+                tensors[pos] = vn
     if problems:
         raise WeightsMismatch("model does not match the build:\n  " + "\n  ".join(problems[:20])
                               + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    # thresholds: ceil + clip to the build's input ranges, as the build did
+    return patch(build_model, tensors)
+
+
+def patch(build_model: ModelWrapper, tensors: dict[int, np.ndarray]) -> tuple[ModelWrapper, list[dict]]:
+    """The build's folded model with the runtime-writable tensors ``tensors`` (by layer position)
+    set, thresholds rounded and clipped with the build's data types (RoundAndClipThresholds, as the
+    build did); every value checked against the compiled bit width."""
+    patched = ModelWrapper(build_model.model.__deepcopy__())
+    nodes = list(patched.graph.node)
+    record = []
+    for pos, v in sorted(tensors.items()):
+        b = nodes[pos]
+        if not _is_rt(b):
+            raise WeightsMismatch(f"layer {b.name} ({b.op_type}) is not runtime-writable in the build")
+        old = patched.get_initializer(b.input[1])
+        if old.shape != v.shape:
+            raise WeightsMismatch(f"layer {b.name}: parameter shape {list(v.shape)} != build's {list(old.shape)}")
+        patched.set_initializer(b.input[1], np.asarray(v, dtype=np.float32))
+        record.append({"layer": b.name, "op_type": b.op_type, "shape": list(v.shape),
+                       "changed": int(np.count_nonzero(old != v))})
     wdt_before = {b.name: getCustomOp(b).get_nodeattr("weightDataType") for b in patched.graph.node
                   if "weightDataType" in getCustomOp(b).get_nodeattr_types()}
     patched = patched.transform(RoundAndClipThresholds())
-    # every new value must fit the compiled bit width
     for b in patched.graph.node:
         if not _is_rt(b):
             continue
@@ -184,11 +192,17 @@ def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple
             raise WeightsMismatch(f"layer {b.name}: threshold bit width {inst.get_nodeattr('weightDataType')}"
                                   f" != build's {wdt_name}")
         w = patched.get_initializer(b.input[1])
-        wdt = DataType[wdt_name]
-        if not _allowed(wdt, w):
+        if not _allowed(DataType[wdt_name], w):
             raise WeightsMismatch(f"layer {b.name}: values [{w.min():g}, {w.max():g}] do not fit the "
                                   f"compiled {wdt_name}")
     return patched, record
+
+
+def final_tensors(build_model: ModelWrapper, recipe: R.Recipe, tensors: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """The runtime-writable tensors as the build's folded model holds them, by layer name."""
+    patched, _ = patch(build_model, tensors)
+    nodes = list(patched.graph.node)
+    return {nodes[pos].name: patched.get_initializer(nodes[pos].input[1]) for pos in tensors}
 
 
 def _allowed(dt: DataType, arr: np.ndarray) -> bool:
@@ -199,34 +213,23 @@ def _allowed(dt: DataType, arr: np.ndarray) -> bool:
     return True
 
 
-def write_runtime_weights(model: ModelWrapper, like_dir: Path, out_dir: Path) -> list[str] | None:
-    """Write the build's runtime-weight files (``like_dir``: its driver's ``runtime_weights/``, with the
-    layout hw.datfiles measured) from the layers of the same names in ``model``, with finn-plus's own
-    ``make_weight_file(..., "decoupled_runtime", ...)`` - what MakePYNQDriver calls, without re-running
-    the driver's graph preparation. The layout files are copied along. None if a layer is missing."""
-    layout = json.loads((Path(like_dir) / LAYOUT_JSON).read_text())["files"]
-    jobs = []
-    for fname, meta in sorted(layout.items()):
-        node = model.get_node_from_name(meta["layer"])
-        if node is None or not _is_rt(node):
-            return None
-        jobs.append((fname, node))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with fast_packing():
-        for fname, node in jobs:
-            getCustomOp(node).make_weight_file(model.get_initializer(node.input[1]), "decoupled_runtime",
-                                               str(Path(out_dir) / fname))
-    for name in (LAYOUT_JSON, LAYOUT_NPZ):
-        shutil.copy(Path(like_dir) / name, Path(out_dir) / name)
-    return [f for f, _ in jobs]
+def _stamp(path) -> tuple[int, int]:
+    st = Path(path).stat()
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _cleaned(path: str, mtime_ns: int, size: int) -> ModelWrapper:
+    """The build's QONNX model after qonnx's cleanup, once per process (it is compared every round)."""
+    return cleanup_model(ModelWrapper(path))
 
 
 def precheck(build_qonnx: str | Path, new_qonnx: str | Path) -> None:
-    """Cheap first check at the QONNX level (no FINN step): the same nodes, the
-    same quantizer bit widths and the same parameter shapes as the model the
-    build was compiled from. Raises :class:`WeightsMismatch`; the full,
-    authoritative check (:func:`check_and_patch`) follows anyway."""
-    a = cleanup_model(ModelWrapper(str(build_qonnx)))
+    """First check at the QONNX level (no FINN step): the same nodes with the same attributes and
+    wiring arity, the same quantizer bit widths and signedness, the same parameter shapes, the same
+    integer constants (shapes, axes) as the model the build was compiled from. Raises
+    :class:`WeightsMismatch`."""
+    a = _cleaned(str(Path(build_qonnx).absolute()), *_stamp(build_qonnx))
     b = cleanup_model(ModelWrapper(str(new_qonnx)))
     problems = []
     sa = a.get_tensor_shape(a.graph.input[0].name)
@@ -244,19 +247,71 @@ def precheck(build_qonnx: str | Path, new_qonnx: str | Path) -> None:
                 ba, bb = float(a.get_initializer(na.input[3])), float(b.get_initializer(nb.input[3]))
                 if ba != bb:
                     problems.append(f"{nb.name} ({what}): bit width {bb:g} != build's {ba:g}")
+                za, zb = a.get_initializer(na.input[2]), b.get_initializer(nb.input[2])
+                if za is not None and zb is not None and not np.array_equal(za, zb):
+                    problems.append(f"{nb.name} ({what}): zero point differs from the build's")
             if [(x.name, x.i) for x in na.attribute if x.name in ("signed", "narrow")] != \
                     [(x.name, x.i) for x in nb.attribute if x.name in ("signed", "narrow")]:
                 problems.append(f"{nb.name} ({what}): signed/narrow range differs from the build's")
+        elif sorted(str(x) for x in na.attribute) != sorted(str(x) for x in nb.attribute):
+            problems.append(f"{nb.name}: attributes differ from the build's")
+        if (len(na.input), len(na.output)) != (len(nb.input), len(nb.output)):
+            problems.append(f"{nb.name}: inputs/outputs differ from the build's")
         for i, (ta, tb) in enumerate(zip(na.input, nb.input)):
             va, vb = a.get_initializer(ta), b.get_initializer(tb)
-            if va is not None and vb is not None and va.shape != vb.shape:
+            if (va is None) != (vb is None):
+                problems.append(f"{nb.name}: input {i} is {'a parameter' if vb is not None else 'computed'}, "
+                                "unlike the build's")
+            elif va is not None and va.shape != vb.shape:
                 problems.append(f"{nb.name}: parameter {i} shape {list(vb.shape)} != build's {list(va.shape)}")
+            elif va is not None and va.dtype.kind in "iu" and not np.array_equal(va, vb):
+                problems.append(f"{nb.name}: integer constant {i} differs from the build's")
     if problems:
         raise WeightsMismatch("model does not match the build:\n  " + "\n  ".join(problems[:20]))
 
 
+def _positions(model: ModelWrapper) -> dict[int, str]:
+    return {pos: n.name for pos, n in R.runtime_layers(model)}
+
+
+def round_tensors(build_dir: Path, cfg, model: Path, folded: ModelWrapper, use_recipe: bool = True) -> dict:
+    """The round's runtime-writable tensors by layer position, and how they were obtained."""
+    recipe_path = Path(build_dir) / R.RECIPE_FILE
+    why = "recipe disabled"
+    if use_recipe:
+        try:
+            recipe = R.load(recipe_path)
+            if not recipe.validated:
+                raise R.RecipeError(f"recipe not validated ({recipe.validation})")
+            t0 = time.time()
+            leaves = R.initializers(ModelWrapper(str(model)))
+            tensors = R.replay(recipe, leaves)
+            positions = _positions(folded)
+            if sorted(tensors) != sorted(positions):
+                raise R.RecipeError("recipe layers do not match the build's runtime-writable layers")
+            return {"tensors": tensors, "path": "recipe", "seconds_tensors": round(time.time() - t0, 3)}
+        except FileNotFoundError:
+            why = f"no recipe in {build_dir}"
+        except (R.RecipeError, R.GuardFailed) as e:
+            why = f"{type(e).__name__}: {e}"
+    # finn-plus's front half, recorded: exact tensors, full structural check, and a new recipe
+    t0 = time.time()
+    new, recipe = R.trace_front_half(cfg, model)
+    patched, _ = check_and_patch(folded, new)  # raises WeightsMismatch
+    nodes = list(new.graph.node)
+    tensors = {pos: new.get_initializer(nodes[pos].input[1]) for pos, _ in R.runtime_layers(new)}
+    res = {"tensors": tensors, "path": "finn", "why_not_recipe": why, "seconds_tensors": round(time.time() - t0, 3)}
+    if use_recipe:
+        with tempfile.TemporaryDirectory(prefix="fedfinn-recipe-") as tmp:
+            recipe.validation = R.validate(cfg, recipe, model, Path(tmp))
+        if recipe.validated:
+            R.save(recipe, recipe_path)
+        res["new_recipe"] = recipe.validation
+    return res
+
+
 def update_weights(build_dir: str | Path, model: str | Path, out_dir: str | Path | None = None,
-                   echo=None) -> dict:
+                   echo=None, use_recipe: bool = True) -> dict:
     """New runtime-weight files for ``model`` on the build in ``build_dir``."""
     t0 = time.time()
     build_dir = Path(build_dir)
@@ -266,32 +321,23 @@ def update_weights(build_dir: str | Path, model: str | Path, out_dir: str | Path
         raise FileNotFoundError(model)
     out_dir = Path(out_dir) if out_dir else build_dir / "rounds" / model.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    build_model = ModelWrapper(str(find_intermediate(build_dir, FINAL_STEP)))
     if cfg.model_path and Path(cfg.model_path).exists():
-        precheck(cfg.model_path, model)  # refuses obvious mismatches in a second
-
-    with tempfile.TemporaryDirectory(prefix="fedfinn-weights-") as tmp:
-        wcfg = load_config(build_dir)
-        wcfg.output_dir = str(Path(tmp) / "work")
-        wcfg.model_path = model.absolute()
-        wcfg.save_intermediate_models = False
-        new = run_steps(wcfg, steps=_front_steps(), model=ModelWrapper(str(model)), echo=echo, record=None)
-        t_front = time.time() - t0
-        patched, record = check_and_patch(build_model, new)
-        patched.save(str(out_dir / "model.onnx"))
-        t_patch = time.time() - t0
-        if (out_dir / "runtime_weights").exists():
-            shutil.rmtree(out_dir / "runtime_weights")
-        built_dir = build_dir / "driver" / "runtime_weights"
-        made = write_runtime_weights(patched, built_dir, out_dir / "runtime_weights")
-        if made is None:  # layer names do not map: the full driver generation
-            drv_tmp = Path(tmp) / "driver"
-            cfg.output_dir = str(Path(tmp) / "drv")  # partitions of the driver model go to the temp dir
-            make_driver_files(patched, cfg, drv_tmp)
-            shutil.copytree(drv_tmp / "runtime_weights", out_dir / "runtime_weights")
-        shutil.copy(build_dir / "driver" / "settings.json", out_dir / "settings.json")
+        precheck(cfg.model_path, model)  # refuses mismatching models in a second
+    t_check = time.time() - t0
+    folded = ModelWrapper(str(find_intermediate(build_dir, FINAL_STEP)))
+    got = round_tensors(build_dir, cfg, model, folded, use_recipe=use_recipe)
+    patched, record = patch(folded, got["tensors"])
+    t_patch = time.time() - t0
+    built_dir = build_dir / "driver" / "runtime_weights"
+    if not (built_dir / LAYOUT_JSON).exists():
+        raise FileNotFoundError(f"{built_dir / LAYOUT_JSON} not found: the build has no runtime-weight layout")
+    if (out_dir / "runtime_weights").exists():
+        shutil.rmtree(out_dir / "runtime_weights")
+    made = write_files(patched, built_dir, out_dir / "runtime_weights")
+    t_files = time.time() - t0
+    patched.save(str(out_dir / "model.onnx"))
+    shutil.copy(build_dir / "driver" / "settings.json", out_dir / "settings.json")
     built = sorted(p.name for p in built_dir.glob("*.dat"))
-    made = sorted(p.name for p in (out_dir / "runtime_weights").glob("*.dat"))
     if built != made:
         raise WeightsMismatch(f"runtime-weight files differ from the build's: {made} vs {built}")
     sizes_equal = all((built_dir / f).stat().st_size == (out_dir / "runtime_weights" / f).stat().st_size
@@ -303,9 +349,13 @@ def update_weights(build_dir: str | Path, model: str | Path, out_dir: str | Path
         "runtime_weight_files": made,
         "file_sizes_match_build": sizes_equal,
         "layers_updated": record,
-        "seconds": round(time.time() - t0, 2),
-        "seconds_front_steps": round(t_front, 2),
-        "seconds_check_and_patch": round(t_patch - t_front, 2),
+        "path": got["path"],
+        **{k: got[k] for k in ("why_not_recipe", "new_recipe") if k in got},
+        "seconds": round(time.time() - t0, 3),
+        "seconds_precheck": round(t_check, 3),
+        "seconds_tensors": got["seconds_tensors"],
+        "seconds_patch": round(t_patch - t_check - got["seconds_tensors"], 3),
+        "seconds_dat_files": round(t_files - t_patch, 3),
     }
     (out_dir / "weights.json").write_text(json.dumps(res, indent=2))
     return res

@@ -782,16 +782,15 @@ needs_finn = pytest.mark.skipif(finn_missing is not None, reason=f"finn-plus not
 
 
 def light_build(qonnx: Path, out: Path) -> Path:
-    """`hw build` up to the folded model, plus the driver's runtime-weight files (no code generation)."""
-    from hw.build import FINAL_STEP, HW_STEPS, make_config, run_steps
-    from hw.packing import fast_packing
+    """`hw build` up to the folded model, plus the driver's runtime-weight files and the weights recipe
+    (no code generation)."""
+    from hw.build import FINAL_STEP, HW_STEPS, build, make_config
     from training.data import dataset_stats
 
     mean, std = dataset_stats("cifar10")
     cfg = make_config(qonnx, board="Pynq-Z2", output_dir=out, name=qonnx.stem, mean=list(mean), std=list(std))
-    cfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1] + ["step_pynq_driver"]
-    with fast_packing():
-        run_steps(cfg, echo=None)
+    cfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1] + ["step_pynq_driver", "step_record_weights_recipe"]
+    build(cfg, echo=None)
     return out
 
 
