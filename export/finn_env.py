@@ -27,6 +27,7 @@ imports its builder without Vivado by itself):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -175,6 +176,32 @@ def use_finn_build_dir(path: str | os.PathLike) -> Path:
         return p
     get_settings().finn_build_dir = p
     return p
+
+
+@contextlib.contextmanager
+def finn_settings(**fields: str | os.PathLike):
+    """Inside the block, finn-plus uses these folders (e.g. ``finn_deps``: its external sources such as
+    finn-hlslib; ``finn_custom_hls``): the fields of finn-plus 1.6.1's settings object (what
+    ``get_settings`` returns: the same object and targets as :func:`use_finn_build_dir`), and their
+    ``FINN_<FIELD>`` environment variables for child processes. Both restored afterwards."""
+    from finn.util.settings import get_settings  # finn-plus is optional: only where it is asked for
+
+    settings = get_settings()
+    env_name = {k: k.upper() for k in fields}  # finn_deps -> FINN_DEPS
+    old = {k: (getattr(settings, k), os.environ.get(env_name[k])) for k in fields}
+    try:
+        for k, v in fields.items():
+            setattr(settings, k, Path(v))
+            os.environ[env_name[k]] = str(v)
+        yield settings
+    finally:
+        for k, (field, env) in old.items():
+            setattr(settings, k, field)
+            name = env_name[k]
+            if env is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = env
 
 
 #: The library functions the work-arounds of this module and of hw/ depend on, with the library

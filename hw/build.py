@@ -84,11 +84,7 @@ from finn.util.fpgadataflow import is_hls_node, is_rtl_node  # noqa: E402
 from finn.util.config import extract_model_config_to_json  # noqa: E402
 from finn.transformation.fpgadataflow.create_dataflow_partition import CreateDataflowPartition  # noqa: E402
 from finn.transformation.fpgadataflow.floorplan import Floorplan  # noqa: E402
-from finn.transformation.fpgadataflow.insert_dwc import InsertDWC  # noqa: E402
-from finn.transformation.fpgadataflow.insert_fifo import InsertFIFO  # noqa: E402
-from finn.transformation.fpgadataflow.insert_iodma import InsertIODMA  # noqa: E402
 from finn.transformation.fpgadataflow.make_driver import MakePYNQDriver  # noqa: E402
-from finn.transformation.fpgadataflow.specialize_layers import SpecializeLayers  # noqa: E402
 
 from .config import (  # noqa: E402,F401  (re-exported: hw.build is where the flow lives)
     BITSTREAM_STEPS,
@@ -110,7 +106,8 @@ from .datfiles import write_layout  # noqa: E402
 from .estimate import estimate  # noqa: E402
 from .folding import cheapest_mvau_folding  # noqa: E402
 from .packing import fast_packing  # noqa: E402
-from .report import write_report  # noqa: E402
+from .recipe import record_for_build  # noqa: E402
+from .report import markdown, write_report  # noqa: E402
 from .transforms import MergeIdenticalTransposes, ReduceMeanToGlobalAccPool  # noqa: E402
 
 log = logging.getLogger("fedfinn.hw")
@@ -230,8 +227,6 @@ def build(cfg: HwBuildConfig, echo: Callable[[str], None] | None = print) -> dic
     if tps.exists():
         rep["step_times_s"] = json.loads(tps.read_text())
     report_path.write_text(json.dumps(rep, indent=2))
-    from .report import markdown
-
     (rep_dir / "hw_report.md").write_text(markdown(rep))
     if echo:
         for line in budget_table(rep["budget"]):
@@ -637,9 +632,7 @@ def step_record_weights_recipe(model: ModelWrapper, cfg: HwBuildConfig) -> Model
     recorded once here, replayed by ``hw weights`` for every later round."""
     if not cfg.runtime_weights:
         return model
-    from .recipe import record_for_build
-
-    record_for_build(cfg, model)
+    record_for_build(cfg, model, front_half)
     return model
 
 

@@ -84,6 +84,8 @@ from typing import Iterator
 
 import numpy as np
 
+from export.finn_env import finn_settings, prepare
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 INCLUDE_DIR = HERE / "cppsim_include"  # fedfinn's stand-ins for Vitis HLS headers
@@ -518,29 +520,22 @@ class CppSimEnv:
         processes) inside the block; restore them after. ``object_cache``: FINN's
         ``g++`` runs through hw/cppsim_gxx.py (``PATH``), which compiles FINN's
         shared ``cnpy.cpp`` once instead of once per layer."""
-        import finn.util.settings as fs
-
-        names = {"FINN_DEPS": self.finn_deps, "XILINX_HLS": self.xilinx_hls,
-                 "FINN_CUSTOM_HLS": self.finn_custom_hls}
-        if not os.environ.get("FINN_BUILD_DIR") and not os.environ.get("FINN_SETTINGS"):
-            names["FINN_BUILD_DIR"] = cache_root() / "finn_build_dir"  # FINN needs one for its settings
-            names["FINN_BUILD_DIR"].mkdir(parents=True, exist_ok=True)
+        prepare()  # FINN's build folder and settings (export/finn_env.py)
+        names = {"XILINX_HLS": self.xilinx_hls}
         if object_cache:
             names.update({"PATH": f"{self.gxx_shim()}{os.pathsep}{os.environ.get('PATH', '')}",
                           "FEDFINN_REAL_GXX": _gxx(), "FEDFINN_OBJ_CACHE": cache_root() / "objects"})
         saved = {k: os.environ.get(k) for k in names}
-        saved_settings = fs._SETTINGS
         try:
             os.environ.update({k: str(v) for k, v in names.items()})
-            fs._SETTINGS = None  # FINN re-reads its settings (finn_deps) from the environment
-            yield self
+            with finn_settings(finn_deps=self.finn_deps, finn_custom_hls=self.finn_custom_hls):
+                yield self
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            fs._SETTINGS = saved_settings
 
 
 def prepare_env() -> CppSimEnv:

@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -54,9 +54,13 @@ prepare()
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
 from qonnx.custom_op.registry import getCustomOp  # noqa: E402
 
+from .patch import final_tensors  # noqa: E402
+
 #: numpy's array constructors, which return plain arrays for a recorded one unless recorded too.
 _NP_CONVERTERS = ("asarray", "array", "asanyarray", "ascontiguousarray")
 
+#: hw.build.front_half: (build config, model) -> the model after the flow's front half
+FrontHalf = Callable[[Any, ModelWrapper], ModelWrapper]
 RECIPE_FILE = "weights_recipe.pkl"
 RECIPE_VERSION = 1
 
@@ -427,11 +431,10 @@ def _compact(rec: _Recorder, roots: list[int], guard_ids: list[int]) -> tuple[li
     return ops, new
 
 
-def trace_front_half(cfg, qonnx_path: str | Path) -> tuple[ModelWrapper, Recipe]:
-    """finn-plus's front half (hw.build.front_half) on ``qonnx_path``, recorded: the model it gives
-    (exactly what the untraced front half gives) and the recipe of its runtime-writable tensors."""
-    from .build import front_half
-
+def trace_front_half(cfg, qonnx_path: str | Path, front_half: FrontHalf) -> tuple[ModelWrapper, Recipe]:
+    """finn-plus's front half (``front_half``: hw.build.front_half, handed in by its callers) on
+    ``qonnx_path``, recorded: the model it gives (exactly what the untraced front half gives) and the
+    recipe of its runtime-writable tensors."""
     model = ModelWrapper(str(qonnx_path))
     leaves = initializers(model)
     with recording(leaves) as rec:
@@ -598,11 +601,9 @@ def perturbed(model_path: str | Path, out: str | Path, rel: float = 1e-3, seed: 
     return Path(out)
 
 
-def validate(cfg, recipe: Recipe, model_path: str | Path, work: Path) -> dict:
+def validate(cfg, recipe: Recipe, model_path: str | Path, work: Path, front_half: FrontHalf) -> dict:
     """Replay ``recipe`` on perturbed copies of ``model_path`` and compare with finn-plus's own front
     half on them, tensor by tensor, bit for bit."""
-    from .build import front_half
-
     t0 = time.time()
     last = ""
     for rel, pow2 in ((1e-3, "scale"), (1e-3, "keep"), (1e-5, "keep")):
@@ -657,18 +658,16 @@ def load(path: str | Path) -> Recipe:
     return r
 
 
-def record_for_build(cfg, folded: ModelWrapper) -> dict:
+def record_for_build(cfg, folded: ModelWrapper, front_half: FrontHalf) -> dict:
     """``step_record_weights_recipe``: record the recipe of the build's own model, check that its
     replay equals the tensors of the build's folded model (after the threshold rounding the build
     applies), validate it on a perturbed copy, save ``<build>/weights_recipe.pkl``."""
-    from .weights import final_tensors
-
     out_dir = Path(cfg.output_dir)
     t0 = time.time()
-    front, recipe = trace_front_half(cfg, cfg.model_path)
+    front, recipe = trace_front_half(cfg, cfg.model_path, front_half)
     t_trace = time.time() - t0
     tensors = replay(recipe, initializers(ModelWrapper(str(cfg.model_path))))
-    final = final_tensors(folded, recipe, tensors)
+    final = final_tensors(folded, tensors)
     same = all(np.array_equal(folded.get_initializer(folded.get_node_from_name(name).input[1]), v)
                for name, v in final.items())
     if not same:
@@ -676,7 +675,7 @@ def record_for_build(cfg, folded: ModelWrapper) -> dict:
     else:
         work = out_dir / "finn_tmp" / "recipe_validation"
         work.mkdir(parents=True, exist_ok=True)
-        recipe.validation = validate(cfg, recipe, cfg.model_path, work)
+        recipe.validation = validate(cfg, recipe, cfg.model_path, work, front_half)
     recipe.validation["trace_seconds"] = round(t_trace, 2)
     save(recipe, out_dir / RECIPE_FILE)
     return recipe.validation

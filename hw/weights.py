@@ -46,19 +46,14 @@ from export.finn_env import prepare
 
 prepare()
 
-from finn.transformation.streamline.round_thresholds import RoundAndClipThresholds  # noqa: E402
-from qonnx.core.datatype import DataType  # noqa: E402
 from qonnx.core.modelwrapper import ModelWrapper  # noqa: E402
 from qonnx.custom_op.registry import getCustomOp  # noqa: E402
 from qonnx.util.cleanup import cleanup_model  # noqa: E402
 
 from . import recipe as R  # noqa: E402
+from .patch import WeightsMismatch, is_runtime_writable, patch  # noqa: E402,F401  (WeightsMismatch: re-exported)
 from .config import FINAL_STEP, find_intermediate, load_config  # noqa: E402
 from .datfiles import LAYOUT_JSON, write_files  # noqa: E402
-
-
-class WeightsMismatch(ValueError):
-    """The model does not match the compiled build (shapes, bit widths, folding, structure)."""
 
 
 #: Node attributes that are implementation choices of the build (folding,
@@ -79,12 +74,6 @@ DTYPE_ATTRS = {"weightDataType", "inputDataType", "outputDataType", "accDataType
 
 def _param_inputs(model: ModelWrapper, node) -> list[tuple[int, str]]:
     return [(i, t) for i, t in enumerate(node.input) if model.get_initializer(t) is not None]
-
-
-def _is_rt(node) -> bool:
-    inst = getCustomOp(node)
-    return "runtime_writeable_weights" in inst.get_nodeattr_types() and inst.get_nodeattr(
-        "runtime_writeable_weights") == 1
 
 
 def _attrs(node) -> dict:
@@ -143,7 +132,7 @@ def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple
         if [i for i, _ in pb] != [i for i, _ in pn]:
             problems.append(f"{where}: parameter inputs differ")
             continue
-        rt = _is_rt(b)
+        rt = is_runtime_writable(b)
         for (i, tb), (_, tn) in zip(pb, pn):
             vb, vn = patched.get_initializer(tb), new_model.get_initializer(tn)
             if vb.shape != vn.shape:
@@ -159,58 +148,6 @@ def check_and_patch(build_model: ModelWrapper, new_model: ModelWrapper) -> tuple
         raise WeightsMismatch("model does not match the build:\n  " + "\n  ".join(problems[:20])
                               + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
     return patch(build_model, tensors)
-
-
-def patch(build_model: ModelWrapper, tensors: dict[int, np.ndarray]) -> tuple[ModelWrapper, list[dict]]:
-    """The build's folded model with the runtime-writable tensors ``tensors`` (by layer position)
-    set, thresholds rounded and clipped with the build's data types (RoundAndClipThresholds, as the
-    build did); every value checked against the compiled bit width."""
-    patched = ModelWrapper(build_model.model.__deepcopy__())
-    nodes = list(patched.graph.node)
-    record = []
-    for pos, v in sorted(tensors.items()):
-        b = nodes[pos]
-        if not _is_rt(b):
-            raise WeightsMismatch(f"layer {b.name} ({b.op_type}) is not runtime-writable in the build")
-        old = patched.get_initializer(b.input[1])
-        if old.shape != v.shape:
-            raise WeightsMismatch(f"layer {b.name}: parameter shape {list(v.shape)} != build's {list(old.shape)}")
-        patched.set_initializer(b.input[1], np.asarray(v, dtype=np.float32))
-        record.append({"layer": b.name, "op_type": b.op_type, "shape": list(v.shape),
-                       "changed": int(np.count_nonzero(old != v))})
-    wdt_before = {b.name: getCustomOp(b).get_nodeattr("weightDataType") for b in patched.graph.node
-                  if "weightDataType" in getCustomOp(b).get_nodeattr_types()}
-    patched = patched.transform(RoundAndClipThresholds())
-    for b in patched.graph.node:
-        if not _is_rt(b):
-            continue
-        inst = getCustomOp(b)
-        wdt_name = wdt_before.get(b.name)
-        if wdt_name is None:
-            continue
-        if inst.get_nodeattr("weightDataType") != wdt_name:
-            raise WeightsMismatch(f"layer {b.name}: threshold bit width {inst.get_nodeattr('weightDataType')}"
-                                  f" != build's {wdt_name}")
-        w = patched.get_initializer(b.input[1])
-        if not _allowed(DataType[wdt_name], w):
-            raise WeightsMismatch(f"layer {b.name}: values [{w.min():g}, {w.max():g}] do not fit the "
-                                  f"compiled {wdt_name}")
-    return patched, record
-
-
-def final_tensors(build_model: ModelWrapper, recipe: R.Recipe, tensors: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
-    """The runtime-writable tensors as the build's folded model holds them, by layer name."""
-    patched, _ = patch(build_model, tensors)
-    nodes = list(patched.graph.node)
-    return {nodes[pos].name: patched.get_initializer(nodes[pos].input[1]) for pos in tensors}
-
-
-def _allowed(dt: DataType, arr: np.ndarray) -> bool:
-    if dt == DataType["BIPOLAR"]:  # stored as {-1, +1} (XNOR layers: {0, 1})
-        return bool(np.isin(arr, [-1, 0, 1]).all())
-    if dt.is_integer():
-        return bool(np.all(arr == np.round(arr)) and arr.min() >= dt.min() and arr.max() <= dt.max())
-    return True
 
 
 def _stamp(path) -> tuple[int, int]:
@@ -294,16 +231,20 @@ def round_tensors(build_dir: Path, cfg, model: Path, folded: ModelWrapper, use_r
             why = f"no recipe in {build_dir}"
         except (R.RecipeError, R.GuardFailed) as e:
             why = f"{type(e).__name__}: {e}"
-    # finn-plus's front half, recorded: exact tensors, full structural check, and a new recipe
+    # finn-plus's front half, recorded: exact tensors, full structural check, and a new recipe. Its
+    # steps live in hw.build with finn's builder, which the recipe path above never needs (seconds of
+    # imports per round saved): imported only here.
+    from .build import front_half
+
     t0 = time.time()
-    new, recipe = R.trace_front_half(cfg, model)
+    new, recipe = R.trace_front_half(cfg, model, front_half)
     patched, _ = check_and_patch(folded, new)  # raises WeightsMismatch
     nodes = list(new.graph.node)
     tensors = {pos: new.get_initializer(nodes[pos].input[1]) for pos, _ in R.runtime_layers(new)}
     res = {"tensors": tensors, "path": "finn", "why_not_recipe": why, "seconds_tensors": round(time.time() - t0, 3)}
     if use_recipe:
         with tempfile.TemporaryDirectory(prefix="fedfinn-recipe-") as tmp:
-            recipe.validation = R.validate(cfg, recipe, model, Path(tmp))
+            recipe.validation = R.validate(cfg, recipe, model, Path(tmp), front_half)
         if recipe.validated:
             R.save(recipe, recipe_path)
         res["new_recipe"] = recipe.validation

@@ -164,7 +164,7 @@ def real_build(tmp: Path) -> dict:
 
     The ONLY use of the repository's hw/training/export API in this module (FINN without Vivado:
     folded model + PYNQ driver step, ~20 s; then ``hw weights``, ~10 s). Also reads the build's
-    driver partitions (``intermediate/driver_partitions/driver_parent.onnx``, written by
+    driver partitions (``intermediate_models/driver_partitions/driver_parent.onnx``, written by
     hw.build.make_driver_files) for the instance names a bitfile of this build would have."""
     from export.finn_env import finn_missing
 
@@ -173,8 +173,7 @@ def real_build(tmp: Path) -> dict:
     import torch
 
     from export import to_qonnx
-    from hw.build import FINAL_STEP, HW_STEPS, make_config, run_steps
-    from hw.packing import fast_packing
+    from hw.build import FINAL_STEP, HW_STEPS, build, make_config
     from hw.weights import update_weights
     from training.config import load_config
     from training.data import dataset_stats
@@ -186,9 +185,8 @@ def real_build(tmp: Path) -> dict:
     mean, std = dataset_stats("cifar10")
     bcfg = make_config(tmp / "round_000.onnx", board="Pynq-Z2", output_dir=tmp / "build", name="round_000",
                        mean=list(mean), std=list(std))
-    bcfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1] + ["step_pynq_driver"]
-    with fast_packing():
-        run_steps(bcfg, echo=None)
+    bcfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1] + ["step_pynq_driver", "step_record_weights_recipe"]
+    build(bcfg, echo=None)
     t_build = time.time() - t0
     # a later round: other weights, and batch-norm statistics that moved (so thresholds change too)
     m = make_model(cfg, seed=1)
@@ -201,7 +199,7 @@ def real_build(tmp: Path) -> dict:
     t0 = time.time()
     update_weights(tmp / "build", tmp / "round_001.onnx", tmp / "round_001")
     t_weights = time.time() - t0
-    parent = tmp / "build" / "intermediate" / "driver_partitions" / "driver_parent.onnx"
+    parent = tmp / "build" / "intermediate_models" / "driver_partitions" / "driver_parent.onnx"
     return {"build": tmp / "build", "driver": tmp / "build" / "driver", "round": tmp / "round_001" / "runtime_weights",
             "driver_parent": parent, "seconds_build": round(t_build, 1), "seconds_weights": round(t_weights, 1)}
 

@@ -42,12 +42,12 @@ def build_folded_model(name: str, out: Path) -> Path:
     in tests/test_hw.py so that thresholds are not all ties) and run fedfinn's FINN
     flow up to the folded model. Returns that model's .onnx path.
 
-    hw API used: hw.build.make_config, HW_STEPS, FINAL_STEP, run_steps, find_intermediate."""
+    hw API used: hw.build.make_config, HW_STEPS, FINAL_STEP, build, find_intermediate."""
     import torch
     from torch import nn
 
     from export import to_qonnx
-    from hw.build import FINAL_STEP, HW_STEPS, find_intermediate, make_config, run_steps
+    from hw.build import FINAL_STEP, HW_STEPS, build, find_intermediate, make_config
     from training.data import dataset_stats
     from training.models import build_model
 
@@ -64,7 +64,8 @@ def build_folded_model(name: str, out: Path) -> Path:
     to_qonnx(model.eval(), qonnx)
     mean, std = dataset_stats("cifar10")
     cfg = make_config(qonnx, board="Pynq-Z2", output_dir=out / "build", name=name, mean=list(mean), std=list(std))
-    run_steps(cfg, steps=HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1], echo=None)
+    cfg.steps = HW_STEPS[: HW_STEPS.index(FINAL_STEP) + 1]
+    build(cfg, echo=None)
     return find_intermediate(out / "build", FINAL_STEP)
 
 

@@ -62,8 +62,7 @@ def _export(path: Path, seed: int) -> Path:
 def build_two_rounds(tmp: Path) -> dict:
     """Round 0 compiled (`make hw` steps up to code generation + driver files), round 1's
     runtime-weight files made for it (`hw weights`). Returns the paths the tests use."""
-    from hw.build import HW_STEPS, find_intermediate, make_config, run_steps
-    from hw.packing import fast_packing
+    from hw.build import HW_STEPS, build, find_intermediate, make_config
     from hw.weights import update_weights
     from training.data import dataset_stats
 
@@ -72,8 +71,7 @@ def build_two_rounds(tmp: Path) -> dict:
     cfg = make_config(r0, board="Pynq-Z2", output_dir=tmp / "build", name="cnv-w2a2", mean=list(mean), std=list(std))
     cfg.steps = [s for s in HW_STEPS if s != "step_report"]
     t0 = time.time()
-    with fast_packing():
-        run_steps(cfg, echo=None)
+    build(cfg, echo=None)
     t_build = time.time() - t0
     update_weights(tmp / "build", r1, tmp / "round1")
     return {
