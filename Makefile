@@ -86,7 +86,7 @@ bitstream: $(HW_DEPS)
 
 .PHONY: install-hw hw hw-weights hw-emulate bitstream
 
-# --- RTL checks with open tools (hw/rtl_check.py, hw/rtl_sim.py; docs/rtl.md) ---
+# --- RTL checks with open tools (hw/rtl_check.py, hw/rtl_sim.py; docs/hardware.md (RTL checks)) ---
 #   make install-rtl                   Verilator + g++ + make from apt (Debian 12: Verilator 5.006)
 #   make rtl-lint BUILD=build/<NAME>   Verilator lint of every RTL module of a build -> <BUILD>/report/rtl_lint.json
 # install-rtl needs root for apt-get; without it, it says what to install and tests/test_rtl.py skips.

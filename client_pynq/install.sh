@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up a PYNQ board for the fedfinn board agent (see docs/board.md, docs/board_env.md).
+# Set up a PYNQ board for the fedfinn board agent (see docs/board.md, docs/board.md (the board environment)).
 #
 # Run ON THE BOARD (PYNQ image 3.x: Python 3.10, numpy < 2, pynq preinstalled),
 # from the folder that holds client_pynq/ (copied from the repository):

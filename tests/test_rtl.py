@@ -3,7 +3,7 @@ simulation of a round's threshold update through ``Thresholding_rtl``'s AXI-lite
 
 One build of cnv-w2a2 (round 0) and the runtime-weight files of a later round (round 1,
 ``hw.weights.update_weights``) are shared by the tests (module fixture). Without Verilator
-the tests skip and say how to install it (``make install-rtl``). See docs/rtl.md.
+the tests skip and say how to install it (``make install-rtl``). See docs/hardware.md (RTL checks).
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def test_thresholds_written_over_axilite(rounds, models, layer, source, tmp_path
 def test_weights_written_over_axilite_into_memstream(rounds, models, tmp_path):
     """The other half of a round's update: MVAU_hls_0's weights (16 lines of 216 bits,
     8 AXI-lite words per line) written into its memstream, with memstream.sv:234 rewritten
-    (the only change; Verilator 5.006 cannot parse it as shipped, see docs/rtl.md).
+    (the only change; Verilator 5.006 cannot parse it as shipped, see docs/hardware.md (RTL checks)).
 
     From reset it streams the compiled-in round-0 image (memblock.dat). The round-1 .dat
     words go in as the driver writes them and read back equal; after one pass (the driver's
