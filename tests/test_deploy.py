@@ -145,7 +145,9 @@ def test_tls_auth_deployment_survives_killed_server_and_superlink_bit_for_bit(tm
     in-process: every checkpoint equals the uninterrupted in-process run's byte for byte,
     and every round appears exactly once.
     """
-    extra = ["federation.num_clients=2", "federation.rounds=3"]
+    # overlap_eval off: a round's line is written as soon as the round ends, so the watcher (0.1 s
+    # ticks) acts between rounds, not after the next one has trained
+    extra = ["federation.num_clients=2", "federation.rounds=3", "run.overlap_eval=false"]
     ref = run(load_config(None, _overrides(tmp_path, "ref", *extra)), progress=False)
     dep = tmp_path / "dep"
 
@@ -169,7 +171,7 @@ def test_tls_auth_deployment_survives_killed_server_and_superlink_bit_for_bit(tm
         w = Watcher(act)
         with pytest.raises(DeployError, match=error):
             deploy(None, _overrides(tmp_path, "dep", *extra), nodes=2, resume=attempt > 0, timeout=150,
-                   wait_warm=False, on_start=w.on_start, on_tick=w.on_tick)
+                   wait_warm=False, on_start=w.on_start, on_tick=w.on_tick, tick=0.1)
         w.no_leftovers()
         assert w.done
         rows = read_metrics(dep)
@@ -202,8 +204,9 @@ def test_tls_auth_deployment_survives_killed_server_and_superlink_bit_for_bit(tm
 
 def test_supernode_killed_mid_round_the_run_goes_on(tmp_path, cifar10):
     """SIGKILL one of 3 SuperNodes (node, executor and ClientApp) while it trains in round 2."""
+    # overlap_eval off: round 1's line is written before round 2 starts
     extra = ["federation.num_clients=3", "federation.rounds=3", "federation.round_timeout=10",
-             "data.images_per_client=200"]
+             "data.images_per_client=200", "run.overlap_eval=false"]
     victim = 2
 
     def kill_node_in_round_2(d):

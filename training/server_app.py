@@ -167,6 +167,10 @@ class GlobalEvaluation:
         return {"accuracy": accuracy, "loss": loss, "sparsity": sparsity(self.model),
                 "seconds": time.perf_counter() - t0}
 
+    @property
+    def overlapped(self) -> bool:
+        return self.pool is not None
+
     def submit(self, blob: bytes) -> Future:
         if self.pool is not None:
             return self.pool.submit(self, blob)
@@ -233,6 +237,9 @@ def serve(grid: Grid, cfg: RunConfig, *, observers: Iterable[RoundObserver] = ()
                     finished, pending = pending, None
                     record(finished, stats.started)
                 pending = _Pending(stats, strategy.last_down, evaluation.submit(strategy.last_down))
+                if not evaluation.overlapped:  # evaluated already: the round's line is written now
+                    finished, pending = pending, None
+                    record(finished, time.perf_counter())
         finally:
             try:  # the last round, or the round finished before an interruption: its line is not lost
                 if pending is not None:
