@@ -367,20 +367,34 @@ def _unpack_fields(payload: memoryview, n: int, bits: int) -> np.ndarray:
 
 
 def _varint_encode(indices: np.ndarray) -> bytes:
-    """LEB128 of (first index, then gap - 1 between successive indices)."""
+    """LEB128 of (first index, then gap - 1 between successive indices).
+
+    Gaps below 128 (one byte each) are the bytes themselves; otherwise each
+    varint's 7-bit groups are built one column at a time, in the smallest
+    integer type that holds the largest gap."""
     if indices.size == 0:
         return b""
-    vals = np.diff(indices.astype(np.uint64), prepend=np.uint64(0))
-    vals[1:] -= np.uint64(1)
-    nbytes = np.ones(vals.size, dtype=np.int64)
-    for j in range(1, _MAX_VARINT_BYTES):
-        nbytes += vals >= np.uint64(1 << (7 * j))
-    width = int(nbytes.max())
-    j = np.arange(width, dtype=np.uint64)
-    groups = ((vals[:, None] >> (np.uint64(7) * j)) & np.uint64(0x7F)).astype(np.uint8)
-    more = j[None, :] < (nbytes[:, None] - 1).astype(np.uint64)
-    groups |= np.where(more, np.uint8(0x80), np.uint8(0))
-    return groups[j[None, :] < nbytes[:, None].astype(np.uint64)].tobytes()
+    idx = np.asarray(indices).astype(np.int64, copy=False)
+    vals = np.empty(idx.size, dtype=np.int64)
+    vals[0] = idx[0]
+    np.subtract(idx[1:], idx[:-1], out=vals[1:])
+    vals[1:] -= 1
+    top = int(vals.max())
+    if top < 0x80:
+        return vals.astype(np.uint8).tobytes()
+    width = (top.bit_length() + 6) // 7
+    v = vals.astype(np.uint32 if top < 1 << 32 else np.uint64)
+    nbytes = np.ones(v.size, dtype=np.uint8)
+    for j in range(1, width):
+        nbytes += v >= (1 << (7 * j))
+    groups = np.empty((v.size, width), dtype=np.uint8)
+    for j in range(width):
+        column = (v >> (7 * j)).astype(np.uint8) & np.uint8(0x7F)
+        if j < width - 1:
+            column |= (nbytes > j + 1).view(np.uint8) << np.uint8(7)  # more bytes follow
+        groups[:, j] = column
+    used = nbytes[:, None] > np.arange(width, dtype=np.uint8)
+    return np.compress(used.reshape(-1), groups.reshape(-1)).tobytes()
 
 
 def _varint_decode(pos: memoryview, kept: int, numel: int) -> np.ndarray:
@@ -505,9 +519,11 @@ def _float_candidates(name: str, arr: np.ndarray, prefix: bytes) -> list[bytes]:
     keep = flat.view(np.uint32) != 0
     if (keep.size - np.count_nonzero(keep)) * 32 <= keep.size:  # a bitmap costs more
         return [dense]
-    values = _payload(_shuffle(np.compress(keep, flat)))  # == flat[keep], faster
+    kept = int(np.count_nonzero(keep))
+    where = _kept_positions(keep, kept)
+    values = _payload(_shuffle(_gather(flat, keep, where)))
     sparse = prefix + struct.pack("<BB", _FLOAT_SPARSE, 0) + head
-    return [dense] + [sparse + pos + values for pos in _position_options(keep)]
+    return [dense] + [sparse + pos + values for pos in _position_options(keep, kept, where)]
 
 
 def _quant_candidates(q: QTensor, prefix: bytes) -> list[bytes]:
@@ -534,9 +550,10 @@ def _quant_candidates(q: QTensor, prefix: bytes) -> list[bytes]:
         candidates.append(prefix + struct.pack("<BB", _QUANT_DENSE, flags) + head + dense)
     # Sparse can only pay off when the dropped codes outweigh a bitmap bit each.
     if n_kept < codes.size and (q.mask is not None or (codes.size - n_kept) * bits > codes.size):
-        values = _payload(_pack_fields(np.compress(keep, fields), bits))  # == fields[keep]
+        where = _kept_positions(keep, n_kept)
+        values = _payload(_pack_fields(_gather(fields, keep, where), bits))
         sparse = prefix + struct.pack("<BB", _QUANT_SPARSE, flags) + head
-        candidates += [sparse + pos + values for pos in _position_options(keep, n_kept)]
+        candidates += [sparse + pos + values for pos in _position_options(keep, n_kept, where)]
     return candidates
 
 
@@ -554,13 +571,23 @@ def _payload(data: bytes) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _position_options(keep: np.ndarray, kept: int | None = None) -> list[bytes]:
+def _kept_positions(keep: np.ndarray, kept: int) -> np.ndarray | None:
+    """The kept flat indices when the varint option will need them (below 1/4 density), else None."""
+    return np.flatnonzero(keep) if kept * 4 < keep.size else None
+
+
+def _gather(values: np.ndarray, keep: np.ndarray, where: np.ndarray | None) -> np.ndarray:
+    """``values[keep]``: by index when the indices are at hand, else np.compress (faster than [keep])."""
+    return values.take(where) if where is not None else np.compress(keep, values)
+
+
+def _position_options(keep: np.ndarray, kept: int | None = None, where: np.ndarray | None = None) -> list[bytes]:
     """Position encodings worth trying; the caller keeps the best compressed."""
     kept = int(np.count_nonzero(keep)) if kept is None else kept
     options = [(_POS_BITMAP, np.packbits(keep, bitorder="little").tobytes())]
     # Varints take >= 1 byte per kept entry: hopeless above 1/4 density.
     if kept * 4 < keep.size:
-        options.append((_POS_VARINT, _varint_encode(np.flatnonzero(keep))))
+        options.append((_POS_VARINT, _varint_encode(np.flatnonzero(keep) if where is None else where)))
     return [struct.pack("<BQQ", enc, kept, len(pos)) + pos for enc, pos in options]
 
 
