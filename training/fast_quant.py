@@ -57,7 +57,6 @@ zero and pruned weights.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -68,13 +67,15 @@ __all__ = ["weight_codes", "weight_spec", "WeightSpec"]
 _SCALE_MIN = 2.0**-100  # scales outside [2^-100, 2^100]: Brevitas's path (see the module doc)
 _SCALE_MAX = 2.0**100
 
-_types: dict | None = None
+_T = None  # namespace of the classes the fast path understands, imported on first use
 
 
-def _brevitas_types() -> dict:
+def _types():
     """The Brevitas (and project) classes the fast path understands, imported once."""
-    global _types
-    if _types is None:
+    global _T
+    if _T is None:
+        from types import SimpleNamespace
+
         from brevitas.core.bit_width import BitWidthConst
         from brevitas.core.function_wrapper import (
             Identity, LogTwo, OverOutputChannelView, OverTensorView, PowerOfTwo, RoundSte,
@@ -96,8 +97,10 @@ def _brevitas_types() -> dict:
 
         from .models.deploy_layers import AbsAveNonZero, AbsMaxDetached
 
-        _types = dict(locals())
-    return _types
+        names = dict(locals())
+        names.pop("SimpleNamespace")
+        _T = SimpleNamespace(**names, clamps=(TensorClamp, TensorClampSte))
+    return _T
 
 
 class WeightSpec:
@@ -116,89 +119,16 @@ class WeightSpec:
         self.stats = stats  # Brevitas's _Stats module (binary kinds call it)
 
 
-def _is(obj, name: str) -> bool:
-    return type(obj) is _brevitas_types()[name]
-
-
-def _sub(module, name: str):
-    """A submodule by name straight from ``_modules`` (None if absent: then no type check passes)."""
-    modules = getattr(module, "_modules", None)
-    return modules.get(name) if modules is not None else None
-
-
-def _clamp_min_val(module) -> float | None:
+def _min_val(clamp) -> float | None:
     """min_val of a ScalarSignedClampMinSte (positive), else None."""
-    if not _is(module, "ScalarSignedClampMinSte"):
+    if type(clamp) is not _types().ScalarSignedClampMinSte:
         return None
-    val = float(module.min_val)
+    val = float(clamp.min_val)
     return val if val > 0 else None
 
 
-def _restriction(ssi) -> tuple[bool, float, float] | None:
-    """(power of two?, min before, min after) of a _StatsScaling we can reproduce, else None."""
-    if not _is(ssi, "_StatsScaling") or not _is(_sub(ssi, "affine_rescaling"), "Identity"):
-        return None
-    rcs, rct = _sub(ssi, "restrict_clamp_scaling"), _sub(ssi, "restrict_clamp_threshold")
-    rcst = _sub(ssi, "restrict_clamp_scale_threshold")
-    if not (_is(rcs, "_RestrictClampValue") and _is(rct, "_RestrictClampValue") and _is(rcst, "_RestrictClampValue")):
-        return None
-    if not (_is(_sub(rct, "clamp_ste"), "Identity") and _is(_sub(rcst, "clamp_ste"), "Identity")
-            and _is(_sub(rcst, "restrict_value_impl"), "Identity")):
-        return None
-    restrict, same = _sub(rcs, "restrict_value_impl"), _sub(rct, "restrict_value_impl")
-    if type(same) is not type(restrict):
-        return None
-    if _is(restrict, "FloatRestrictValue"):
-        pot, pre = False, "Abs"
-        if not (_is(_sub(restrict, "apply_abs"), "Abs") and _is(_sub(same, "apply_abs"), "Abs")):
-            return None
-    elif _is(restrict, "PowerOfTwoRestrictValue"):
-        pot, pre = True, "LogTwo"
-        for r in (restrict, same):
-            if not (_is(_sub(r, "float_to_int_impl"), "RoundSte") and _is(_sub(r, "power_of_two"), "PowerOfTwo")):
-                return None
-    else:
-        return None
-    if not (_is(_sub(ssi, "restrict_scaling_pre"), pre) and _is(_sub(ssi, "restrict_threshold_pre"), pre)):
-        return None
-    clamp_scaling = _sub(ssi, "clamp_scaling")
-    if not _is(clamp_scaling, "_ClampValue"):
-        return None
-    min_stat = _clamp_min_val(_sub(clamp_scaling, "clamp_min_ste"))
-    min_scale = _clamp_min_val(_sub(rcs, "clamp_ste"))
-    if min_stat is None or min_scale is None:
-        return None  # without a floor a zero tensor divides by zero: leave it to Brevitas
-    return pot, min_stat, min_scale
-
-
-def _stats_config(scaling, max_stats: bool) -> tuple[bool, tuple[int, ...], nn.Module] | None:
-    """(per channel?, statistic shape, _Stats module) of a StatsFromParameterScaling, else None."""
-    if not _is(scaling, "StatsFromParameterScaling"):
-        return None
-    pls = _sub(scaling, "parameter_list_stats")
-    if not _is(pls, "_ParameterListStats") or pls.extra_tracked_params_list is not None:
-        return None
-    first, stats = _sub(pls, "first_tracked_param"), _sub(pls, "stats")
-    if not _is(first, "_ViewParameter") or not _is(stats, "_Stats"):
-        return None
-    view = _sub(first, "view_shape_impl")
-    if _is(view, "OverTensorView"):
-        per_channel, reduce_dim = False, None
-    elif _is(view, "OverOutputChannelView") and _is(_sub(view, "permute_impl"), "Identity"):
-        per_channel, reduce_dim = True, 1
-    else:
-        return None
-    impl = _sub(stats, "stats_impl")
-    kinds = ("AbsMax", "AbsMaxDetached") if max_stats else ("AbsAve", "AbsAveNonZero")
-    if not any(_is(impl, k) for k in kinds) or impl.stats_reduce_dim != reduce_dim:
-        return None
-    if _is(impl, "AbsMax") and impl.keepdim:
-        return None
-    return per_channel, tuple(stats.stats_output_shape), stats
-
-
-def _scalar_const(module) -> float | None:
-    """Value of a BitWidthConst / zero-point constant, else None."""
+def _const(module) -> float | None:
+    """Value of a one-element constant module (BitWidthConst, StatelessBuffer), else None."""
     try:
         value = module()
     except Exception:  # noqa: BLE001 - anything unexpected: not ours
@@ -207,77 +137,138 @@ def _scalar_const(module) -> float | None:
 
 
 def weight_spec(layer: nn.Module) -> WeightSpec | None:
-    """The layer's weight quantizer as a :class:`WeightSpec`, or None if the fast path does not know it."""
-    proxy = _sub(layer, "weight_quant")
-    if not _is(proxy, "WeightQuantProxyFromInjector") or not proxy.is_quant_enabled:
+    """The layer's weight quantizer as a :class:`WeightSpec`, or None if the fast path does not know it.
+
+    Every module on the way is checked by exact type (a subclass could change the arithmetic);
+    submodules are read from ``_modules`` directly, and a missing one ends the check (None).
+    """
+    try:
+        return _weight_spec(layer, _types())
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _weight_spec(layer: nn.Module, T) -> WeightSpec | None:
+    proxy = layer._modules["weight_quant"]
+    if type(proxy) is not T.WeightQuantProxyFromInjector or not proxy.is_quant_enabled:
         return None
     if proxy.export_mode or getattr(proxy, "requires_quant_input", True):
         return None
-    tq = _sub(proxy, "tensor_quant")
-    if _is(tq, "RescalingIntQuant"):
+    tq = proxy._modules["tensor_quant"]
+    sub = tq._modules
+    if type(tq) is T.RescalingIntQuant:
         if tq.observer_only:
             return None
-        iq = _sub(tq, "int_quant")
-        if not (_is(iq, "IntQuant") and iq.signed and iq.narrow_range
-                and _is(_sub(iq, "float_to_int_impl"), "RoundSte")
-                and (_is(_sub(iq, "tensor_clamp_impl"), "TensorClampSte")
-                     or _is(_sub(iq, "tensor_clamp_impl"), "TensorClamp"))
-                and _is(_sub(iq, "input_view_impl"), "Identity")
-                and _is(_sub(_sub(iq, "delay_wrapper"), "delay_impl"), "_NoDelay")):
+        iq = sub["int_quant"]
+        iqs = iq._modules
+        if not (type(iq) is T.IntQuant and iq.signed is True and iq.narrow_range is True
+                and type(iqs["float_to_int_impl"]) is T.RoundSte
+                and type(iqs["tensor_clamp_impl"]) in T.clamps
+                and type(iqs["input_view_impl"]) is T.Identity
+                and type(iqs["delay_wrapper"]._modules["delay_impl"]) is T._NoDelay):
             return None
-        isc = _sub(tq, "int_scaling_impl")
-        if not (_is(isc, "IntScaling") and isc.signed is True and isc.narrow_range is True):
+        isc = sub["int_scaling_impl"]
+        if not (type(isc) is T.IntScaling and isc.signed is True and isc.narrow_range is True):
             return None
-        zp = _sub(tq, "zero_point_impl")
-        if not _is(zp, "ZeroZeroPoint") or _scalar_const(_sub(zp, "zero_point")) != 0.0:
+        zp = sub["zero_point_impl"]
+        if type(zp) is not T.ZeroZeroPoint or _const(zp._modules["zero_point"]) != 0.0:
             return None
-        bw = _sub(tq, "msb_clamp_bit_width_impl")
-        bits = _scalar_const(bw) if _is(bw, "BitWidthConst") else None
+        bw = sub["msb_clamp_bit_width_impl"]
+        bits = _const(bw) if type(bw) is T.BitWidthConst else None
         if bits is None or bits != int(bits) or not 2 <= bits <= 8:
             return None
-        kind, max_stats = "int", True
-    elif _is(tq, "ClampedBinaryQuant"):
-        clamp = _sub(tq, "tensor_clamp_impl")
-        if not (_is(_sub(_sub(tq, "delay_wrapper"), "delay_impl"), "_NoDelay")
-                and (_is(clamp, "TensorClamp") or _is(clamp, "TensorClampSte"))
-                and _is(_sub(tq, "bit_width"), "BitWidthConst") and _scalar_const(_sub(tq, "bit_width")) == 1.0):
+        kind, stat_types = "int", (T.AbsMax, T.AbsMaxDetached)
+    elif type(tq) is T.ClampedBinaryQuant:
+        bw = sub["bit_width"]
+        if not (type(sub["delay_wrapper"]._modules["delay_impl"]) is T._NoDelay
+                and type(sub["tensor_clamp_impl"]) in T.clamps
+                and type(bw) is T.BitWidthConst and _const(bw) == 1.0):
             return None
-        kind, max_stats, bits = "binary", False, 1
+        kind, bits, stat_types = "binary", 1, (T.AbsAve, T.AbsAveNonZero)
     else:
         return None
-    scaling = _sub(tq, "scaling_impl")
-    stats = _stats_config(scaling, max_stats)
-    restriction = _restriction(_sub(scaling, "stats_scaling_impl")) if stats is not None else None
-    if restriction is None:
+    # statistic: StatsFromParameterScaling over one tracked weight, viewed whole or per output channel
+    scaling = sub["scaling_impl"]
+    if type(scaling) is not T.StatsFromParameterScaling:
         return None
-    per_channel, stats_shape, stats_module = stats
-    pot, min_stat, min_scale = restriction
-    return WeightSpec(kind, int(bits), pot, per_channel, stats_shape, min_stat, min_scale, stats_module)
+    pls = scaling._modules["parameter_list_stats"]
+    if type(pls) is not T._ParameterListStats or pls.extra_tracked_params_list is not None:
+        return None
+    first, stats = pls._modules["first_tracked_param"], pls._modules["stats"]
+    if type(first) is not T._ViewParameter or type(stats) is not T._Stats:
+        return None
+    view = first._modules["view_shape_impl"]
+    if type(view) is T.OverTensorView:
+        per_channel, reduce_dim = False, None
+    elif type(view) is T.OverOutputChannelView and type(view._modules["permute_impl"]) is T.Identity:
+        per_channel, reduce_dim = True, 1
+    else:
+        return None
+    impl = stats._modules["stats_impl"]
+    if type(impl) not in stat_types or impl.stats_reduce_dim != reduce_dim:
+        return None
+    if type(impl) is T.AbsMax and impl.keepdim:
+        return None
+    # scale: _StatsScaling with a float (abs) or power-of-two restriction and positive floors
+    ssi = scaling._modules["stats_scaling_impl"]
+    if type(ssi) is not T._StatsScaling:
+        return None
+    ssm = ssi._modules
+    rcs, rct, rcst = ssm["restrict_clamp_scaling"], ssm["restrict_clamp_threshold"], ssm["restrict_clamp_scale_threshold"]
+    if not (type(ssm["affine_rescaling"]) is T.Identity and type(rcs) is T._RestrictClampValue
+            and type(rct) is T._RestrictClampValue and type(rcst) is T._RestrictClampValue):
+        return None
+    if not (type(rct._modules["clamp_ste"]) is T.Identity and type(rcst._modules["clamp_ste"]) is T.Identity
+            and type(rcst._modules["restrict_value_impl"]) is T.Identity):
+        return None
+    restricts = (rcs._modules["restrict_value_impl"], rct._modules["restrict_value_impl"])
+    if all(type(r) is T.FloatRestrictValue and type(r._modules["apply_abs"]) is T.Abs for r in restricts):
+        pot, pre = False, T.Abs
+    elif all(type(r) is T.PowerOfTwoRestrictValue and type(r._modules["float_to_int_impl"]) is T.RoundSte
+             and type(r._modules["power_of_two"]) is T.PowerOfTwo for r in restricts):
+        pot, pre = True, T.LogTwo
+    else:
+        return None
+    if type(ssm["restrict_scaling_pre"]) is not pre or type(ssm["restrict_threshold_pre"]) is not pre:
+        return None
+    clamp_scaling = ssm["clamp_scaling"]
+    if type(clamp_scaling) is not T._ClampValue:
+        return None
+    min_stat, min_scale = _min_val(clamp_scaling._modules["clamp_min_ste"]), _min_val(rcs._modules["clamp_ste"])
+    if min_stat is None or min_scale is None:
+        return None  # without a floor a zero tensor divides by zero: leave it to Brevitas
+    return WeightSpec(kind, int(bits), pot, per_channel, tuple(stats.stats_output_shape), min_stat, min_scale,
+                      stats)
 
 
-_thresholds: dict[tuple[int, bool], torch.Tensor] = {}
+_thresholds: dict[tuple[int, bool], np.ndarray] = {}
 
 
-def _threshold(bits: int, pot: bool) -> torch.Tensor:
-    """Brevitas's restricted integer threshold: T (float scale) or 2^round(log2 T) (power of two)."""
+def _threshold(bits: int, pot: bool) -> np.ndarray:
+    """Brevitas's restricted integer threshold as float32: T (float scale) or 2^round(log2 T) (power
+    of two), shape () as IntScaling's; at 1 bit ClampedBinaryQuant's ``torch.ones(1)``, shape (1,).
+    Computed once per (bits, restriction) with the torch ops Brevitas applies."""
     key = (bits, pot)
     if key not in _thresholds:
         t = torch.tensor(float(2 ** (bits - 1) - 1)) if bits > 1 else torch.ones(1)
-        if pot:
-            t = 2.0 ** torch.round(torch.log2(t))
-        else:
-            t = torch.abs(torch.abs(t))
-        _thresholds[key] = t
+        t = 2.0 ** torch.round(torch.log2(t)) if pot else torch.abs(torch.abs(t))
+        _thresholds[key] = t.numpy()
     return _thresholds[key]
 
 
-def _scale(stat: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """_StatsScaling.forward for a nonnegative statistic, op for op."""
-    s = torch.clamp_min(stat, spec.min_stat)
+def _scale(stat: np.ndarray, spec: WeightSpec) -> np.ndarray:
+    """_StatsScaling.forward for a nonnegative float32 statistic of Brevitas's shape, op for op.
+
+    Clamps (ScalarSignedClampMinSte on a value >= 0 is max(x, min)), round (half to even) and
+    the division are exact IEEE operations and run in numpy; log2 and 2.0 ** x run in torch on a
+    tensor of the statistic's shape, exactly as Brevitas calls them."""
+    s = np.asarray(np.maximum(stat, np.float32(spec.min_stat)))
     if spec.pot:
-        s = 2.0 ** torch.round(torch.log2(s))
-    s = torch.clamp_min(s, spec.min_scale)
-    return s / _threshold(spec.bits, spec.pot)
+        e = torch.log2(torch.from_numpy(s)).numpy()
+        np.rint(e, out=e)
+        s = (2.0 ** torch.from_numpy(e)).numpy()
+    s = np.asarray(np.maximum(s, np.float32(spec.min_scale)))
+    return np.asarray(s / _threshold(spec.bits, spec.pot))
 
 
 @torch.no_grad()
@@ -304,12 +295,12 @@ def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.n
             top, bottom = rows.max(axis=1), rows.min(axis=1)
         else:
             top, bottom = rows.max(), rows.min()
-        absmax = np.maximum(top, -bottom)  # == max|w|, exactly; NaN propagates
-        stat = torch.from_numpy(np.ascontiguousarray(absmax, dtype=np.float32)).view(spec.stats_shape)
+        stat = np.maximum(top, -bottom)  # == max|w|, exactly; NaN propagates
     else:
-        stat = spec.stats(w_t.reshape(rows.shape)).view(spec.stats_shape)
-    scale_t = _scale(stat, spec)
-    scale = scale_t.numpy().astype(np.float32, copy=False)
+        stat = spec.stats(w_t.reshape(rows.shape)).numpy()
+    scale = _scale(np.asarray(stat, dtype=np.float32).reshape(spec.stats_shape), spec)
+    if scale.dtype != np.float32:
+        return None
     lo, hi = float(scale.min()), float(scale.max())
     if not (_SCALE_MIN <= lo and hi <= _SCALE_MAX):  # also False for NaN
         return None
