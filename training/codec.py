@@ -149,6 +149,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -464,7 +465,7 @@ def encode(tensors: Mapping[str, np.ndarray | QTensor], level: int = 3, entropy:
         raise ValueError(f"zstd level must be -131072..22, got {level}")
     if len(tensors) >= 1 << 32:
         raise ValueError("too many tensors")
-    trial = zstandard.ZstdCompressor(level=min(level, _TRIAL_LEVEL))
+    trial = _compressor(min(level, _TRIAL_LEVEL))
     records = [struct.pack("<I", len(tensors))]
     for name, value in tensors.items():
         records.append(_encode_tensor(name, value, trial))
@@ -472,8 +473,23 @@ def encode(tensors: Mapping[str, np.ndarray | QTensor], level: int = 3, entropy:
     return _frame(body, level, entropy)
 
 
+_compressors = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One ZstdCompressor per level and thread, reused across messages (an instance must not be
+    used by two threads at once; a fresh one costs a context set-up per message). The output of a
+    one-shot compress does not depend on the context's history."""
+    cache = getattr(_compressors, "by_level", None)
+    if cache is None:
+        cache = _compressors.by_level = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
 def _frame(body: bytes, level: int, entropy: bool = True) -> bytes:
-    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body) if entropy else body
+    packed = _compressor(level).compress(body) if entropy else body
     codec, stored = (_CODEC_ZSTD, packed) if len(packed) < len(body) else (_CODEC_RAW, body)
     header = _FRAME.pack(MAGIC, FORMAT_VERSION, codec, 0, len(body), zlib.crc32(stored))
     return header + stored

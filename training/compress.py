@@ -23,14 +23,7 @@ def _quant_layers(model: nn.Module) -> dict[str, nn.Module]:
     return _walk(model, state=False)[1]
 
 
-def _is_quant_layer(module: nn.Module, class_has_method: bool) -> bool:
-    """``hasattr(module, "quant_weight") and module.weight_quant.is_quant_enabled``; the class part of
-    the hasattr is cached per type (hundreds of Brevitas submodules would each raise AttributeError
-    inside nn.Module.__getattr__), the instance part looks where nn.Module.__getattr__ looks."""
-    name = "quant_weight"
-    if not (class_has_method or name in module.__dict__ or name in module._parameters
-            or name in module._buffers or name in module._modules):
-        return False
+def _quant_enabled(module: nn.Module) -> bool:
     return bool(getattr(getattr(module, "weight_quant", None), "is_quant_enabled", False))
 
 
@@ -88,30 +81,33 @@ def _walk(model: nn.Module, state: bool = True) -> tuple[dict[str, torch.Tensor]
     seen: set[int] = set()
     fallback = False  # a module this walk does not reproduce: take model.state_dict() itself
     stack: list[tuple[str, nn.Module, bool]] = [("", model, state)]
-    pop, push = stack.pop, stack.append
+    pop, push, seen_add, info_of = stack.pop, stack.append, seen.add, _type_info.get
+    qw = "quant_weight"
     while stack:
         path, module, with_state = pop()
-        kind, has_method = _type_info.get(type(module)) or _info(type(module))
-        if id(module) not in seen:
-            seen.add(id(module))
-            if _is_quant_layer(module, has_method):
+        cls = type(module)
+        kind, has_method = info_of(cls) or _info(cls)
+        mid = id(module)
+        if mid not in seen:
+            seen_add(mid)
+            # hasattr(module, "quant_weight"): the class (cached), then where nn.Module.__getattr__ looks
+            if (has_method or qw in module.__dict__ or qw in module._parameters or qw in module._buffers
+                    or qw in module._modules) and _quant_enabled(module):
                 quant[f"{path}.weight"] = module
         elif not with_state:
             continue  # named_modules() does not enter a shared module twice (state_dict() does)
         if with_state and not fallback:
+            params, buffers = module._parameters, module._buffers
             if kind is None or module._state_dict_hooks or module._state_dict_pre_hooks \
-                    or type(module._parameters) is not dict or type(module._buffers) is not dict:
+                    or type(params) is not dict or type(buffers) is not dict:
                 fallback = True
             elif kind == "proxy" and ignore_proxies:
                 with_state = False  # QuantProxyFromInjector.state_dict adds nothing of its subtree
-            else:
+            elif params or buffers:
                 prefix = f"{path}." if path else ""
-                params = module._parameters
-                if params:
-                    for name, param in params.items():
-                        if param is not None and param.is_floating_point():
-                            dest[prefix + name] = param.detach()
-                buffers = module._buffers
+                for name, param in params.items():
+                    if param is not None and param.is_floating_point():
+                        dest[prefix + name] = param.detach()
                 if buffers:
                     skip = module._non_persistent_buffers_set
                     for name, buf in buffers.items():

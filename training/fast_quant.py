@@ -26,7 +26,12 @@ tensor of the same shape, so even a last-ulp rounding is reproduced):
     / 2^round(log2 T)`` (torch ``log2``, ``round``, ``2.0 **``);
   - ``codes = clip(rint(w / scale), -T, T)``: IEEE division and
     round-half-even, as Brevitas's ``x / scale`` and ``torch.round``; the
-    clamp is Brevitas's ``tensor_clamp``.
+    clamp is Brevitas's ``tensor_clamp``. With a float scale it never acts:
+    ``scale = fl(a / T)`` is within 2^-24 of ``a / T``, so ``|w| / scale <=
+    a / scale <= T (1 + 2^-23)`` and rounds to at most T (a floor ``m > a``
+    only makes the quotient smaller); it is skipped there. With a power-of-two
+    scale ``a / scale <= sqrt(2) 2^(b-1)`` (at most 91 for b <= 7), so below 8
+    bits the clamp is applied to the int8 codes instead of the floats.
 
 * binary (``ClampedBinaryQuant``, ``AbsAve``/``AbsAveNonZero`` statistics):
 
@@ -305,11 +310,17 @@ def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.n
     if not (_SCALE_MIN <= lo and hi <= _SCALE_MAX):  # also False for NaN
         return None
     if spec.kind == "int":
-        top_code = np.float32(2 ** (spec.bits - 1) - 1)
+        top_code = 2 ** (spec.bits - 1) - 1
         y = np.divide(w, scale if scale.ndim == 0 else scale.reshape((-1,) + (1,) * (w.ndim - 1)))
         np.rint(y, out=y)
-        np.clip(y, -top_code, top_code, out=y)
-        codes = y.astype(np.int8)
+        if not spec.pot:
+            codes = y.astype(np.int8)  # |w / scale| <= T (1 + 2^-23): the clamp never acts (module doc)
+        elif spec.bits <= 7:
+            codes = y.astype(np.int8)  # |w / scale| <= 2^(b-1) sqrt(2) <= 91 fits int8: clamp after the cast
+            np.clip(codes, -top_code, top_code, out=codes)
+        else:
+            np.clip(y, -top_code, top_code, out=y)
+            codes = y.astype(np.int8)
     else:
         positive = np.greater_equal(w, np.float32(0))
         n_pos = int(np.count_nonzero(positive))
