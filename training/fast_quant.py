@@ -111,9 +111,9 @@ def _types():
 class WeightSpec:
     """What the fast path needs of one layer's weight quantizer (see the module doc)."""
 
-    __slots__ = ("kind", "bits", "pot", "per_channel", "stats_shape", "min_stat", "min_scale", "stats")
+    __slots__ = ("kind", "bits", "pot", "per_channel", "stats_shape", "min_stat", "min_scale", "stats_impl")
 
-    def __init__(self, kind, bits, pot, per_channel, stats_shape, min_stat, min_scale, stats):
+    def __init__(self, kind, bits, pot, per_channel, stats_shape, min_stat, min_scale, stats_impl):
         self.kind = kind  # "int" or "binary"
         self.bits = bits
         self.pot = pot  # power-of-two restricted scale (else float)
@@ -121,7 +121,7 @@ class WeightSpec:
         self.stats_shape = stats_shape  # Brevitas's shape of the statistic (and of the scale)
         self.min_stat = min_stat  # clamp of the statistic before the restriction
         self.min_scale = min_scale  # clamp after the restriction
-        self.stats = stats  # Brevitas's _Stats module (binary kinds call it)
+        self.stats_impl = stats_impl  # Brevitas's statistic module (binary kinds call it)
 
 
 def _min_val(clamp) -> float | None:
@@ -243,7 +243,7 @@ def _weight_spec(layer: nn.Module, T) -> WeightSpec | None:
     if min_stat is None or min_scale is None:
         return None  # without a floor a zero tensor divides by zero: leave it to Brevitas
     return WeightSpec(kind, int(bits), pot, per_channel, tuple(stats.stats_output_shape), min_stat, min_scale,
-                      stats)
+                      impl)
 
 
 _thresholds: dict[tuple[int, bool], np.ndarray] = {}
@@ -294,15 +294,16 @@ def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.n
     if w_t.dim() == 0 or w_t.numel() == 0 or (spec.per_channel and w_t.dim() < 2):
         return None
     w = w_t.numpy()
-    rows = w.reshape(w.shape[0], -1) if spec.per_channel else w.reshape(-1)
+    # a 2-d view: one row per output channel, or a single row (per tensor)
+    rows = w.reshape(w.shape[0], -1) if spec.per_channel else w.reshape(1, -1)
     if spec.kind == "int":
         if spec.per_channel:
             top, bottom = rows.max(axis=1), rows.min(axis=1)
         else:
             top, bottom = rows.max(), rows.min()
         stat = np.maximum(top, -bottom)  # == max|w|, exactly; NaN propagates
-    else:
-        stat = spec.stats(w_t.reshape(rows.shape)).numpy()
+    else:  # Brevitas's own statistic module (a mean depends on the summation order), on its view
+        stat = spec.stats_impl(w_t.reshape(rows.shape) if spec.per_channel else w_t.reshape(-1)).numpy()
     scale = _scale(np.asarray(stat, dtype=np.float32).reshape(spec.stats_shape), spec)
     if scale.dtype != np.float32:
         return None
@@ -311,7 +312,7 @@ def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.n
         return None
     if spec.kind == "int":
         top_code = 2 ** (spec.bits - 1) - 1
-        y = np.divide(w, scale if scale.ndim == 0 else scale.reshape((-1,) + (1,) * (w.ndim - 1)))
+        y = np.divide(rows, scale.reshape(-1, 1))  # per tensor: (1, n) / (1, 1)
         np.rint(y, out=y)
         if not spec.pot:
             codes = y.astype(np.int8)  # |w / scale| <= T (1 + 2^-23): the clamp never acts (module doc)
@@ -322,12 +323,13 @@ def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.n
             np.clip(y, -top_code, top_code, out=y)
             codes = y.astype(np.int8)
     else:
-        positive = np.greater_equal(w, np.float32(0))
+        positive = np.greater_equal(rows, np.float32(0))
         n_pos = int(np.count_nonzero(positive))
         if n_pos == 0 or n_pos == positive.size:
             return None  # one code value only: Brevitas's int() refuses it
         codes = positive.view(np.int8)
         codes = codes + codes
         codes -= 1
+    codes = codes.reshape(w.shape)
     flat_scale = scale.reshape(()) if scale.size == 1 else scale.reshape(-1)
     return codes, spec.bits, flat_scale
