@@ -65,8 +65,9 @@ def add(a: Values, b: Values) -> Values:
     return {k: (a[k].astype(np.float32) + b[k].astype(np.float32)).astype(np.float32) for k in a}
 
 
-def _top_k_mask(v: np.ndarray, density: float) -> np.ndarray | None:
-    """Keep-mask of the ``density`` largest |v| (None: keep everything).
+def _top_k_mask(v: np.ndarray, density: float, magnitude: np.ndarray | None = None) -> np.ndarray | None:
+    """Keep-mask of the ``density`` largest |v| (None: keep everything); ``magnitude``: |v| flat, if
+    the caller has it.
 
     Exactly k = ceil(density * n) entries: every |v| above the k-th largest
     magnitude, then as many of the entries equal to it as are needed, first
@@ -78,24 +79,28 @@ def _top_k_mask(v: np.ndarray, density: float) -> np.ndarray | None:
     if n <= SMALL_TENSOR or density >= 1:
         return None
     k = max(1, math.ceil(density * n))
-    magnitude = np.abs(v).reshape(-1).view(np.int32)
-    kth = np.partition(magnitude, n - k)[n - k]
-    keep = magnitude >= kth
+    bits = (np.abs(v).reshape(-1) if magnitude is None else magnitude).view(np.int32)
+    kth = np.partition(bits, n - k)[n - k]
+    keep = bits >= kth
     extra = int(np.count_nonzero(keep)) - k
     if extra:  # ties at the k-th magnitude: drop the last ones
-        ties = np.flatnonzero(magnitude == kth)
+        ties = np.flatnonzero(bits == kth)
         keep[ties[ties.size - extra:]] = False
     return keep.reshape(v.shape)
 
 
-def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int) -> codec.QTensor | np.ndarray:
-    """The kept entries of ``v`` as codes + one scale (or float32 when bits == 32)."""
+def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int,
+              magnitude: np.ndarray | None = None) -> codec.QTensor | np.ndarray:
+    """The kept entries of ``v`` as codes + one scale (or float32 when bits == 32); ``magnitude``:
+    |v| flat, if the caller has it."""
     if bits == 32:
         return v if mask is None else np.where(mask, v, np.float32(0)).astype(np.float32)
     flat = v.reshape(-1)  # 1-d even for a scalar: numpy ufuncs on 0-d arrays return scalars
+    magnitude = np.abs(flat) if magnitude is None else magnitude
     if bits == 1:
-        kept = v if mask is None else np.compress(mask.reshape(-1), flat)  # == v[mask]
-        mag = float(np.abs(kept).mean()) if kept.size else 0.0
+        # mean |v| over the kept entries, summed in the same order as np.abs(v[mask]).mean()
+        kept = magnitude.reshape(v.shape) if mask is None else np.compress(mask.reshape(-1), magnitude)
+        mag = float(kept.mean()) if kept.size else 0.0
         scale = np.float32(mag if mag > 0 else 1.0)
         codes = np.greater_equal(flat, np.float32(0)).view(np.int8)  # 1 where v >= 0
         codes = codes + codes
@@ -103,11 +108,12 @@ def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int) -> codec.QTenso
     else:
         top = 2 ** (bits - 1) - 1
         # max |v| over the kept entries: a top-k mask keeps the largest magnitude, so it is max |v|
-        mag = float(np.abs(flat).max()) if flat.size else 0.0
+        mag = float(magnitude.max()) if flat.size else 0.0
         scale = np.float32(mag / top if mag > 0 else 1.0)
         y = np.divide(flat, scale)
         np.rint(y, out=y)
-        np.clip(y, -top, top, out=y)
+        # no clamp to +-top needed: scale is mag / top rounded to float32 (relative error <= 2^-24),
+        # so |v| / scale <= mag / scale <= top (1 + 2^-23) rounds to at most top
         codes = y.astype(np.int8)
     if mask is not None:
         np.multiply(codes, mask.reshape(-1), out=codes)  # dropped entries carry no code
@@ -142,7 +148,11 @@ def compress_update(update: Values, density: float, bits: int, level: int = 3,
     tensors = {}
     for name, v in update.items():
         v = np.asarray(v, dtype=np.float32)
-        tensors[name] = _quantize(v, _top_k_mask(v, density), bits)
+        if bits == 32:
+            tensors[name] = _quantize(v, _top_k_mask(v, density), bits)
+            continue
+        magnitude = np.abs(v.reshape(-1))
+        tensors[name] = _quantize(v, _top_k_mask(v, density, magnitude), bits, magnitude)
     blob = codec.encode(tensors, level=level, entropy=entropy)
     return blob, {k: _received(t).reshape(np.shape(update[k])) for k, t in tensors.items()}
 
