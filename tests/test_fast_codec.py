@@ -28,7 +28,8 @@ def test_pack_fields_equals_the_original(bits):
 
 
 def _original_quant_candidates(q, prefix):
-    """training.codec._quant_candidates before the speed-up, verbatim (with its _pack_codes)."""
+    """training.codec._quant_candidates before the speed-up, verbatim (with its _pack_codes); each
+    candidate is returned as one part (the encoder now joins a record's parts once)."""
     def pack_codes(codes, bits):
         if bits == 1:
             return codec._pack_fields_reference((codes > 0).astype(np.uint8), 1)
@@ -51,13 +52,13 @@ def _original_quant_candidates(q, prefix):
     n_kept = int(np.count_nonzero(keep))
     candidates = []
     if n_kept == keep.size or q.mask is None:
-        dense = codec._payload(pack_codes(codes, bits))
+        dense = b"".join(codec._payload(pack_codes(codes, bits)))
         candidates.append(prefix + struct.pack("<BB", codec._QUANT_DENSE, flags) + head + dense)
     if n_kept < keep.size and (q.mask is not None or (keep.size - n_kept) * bits > keep.size):
-        values = codec._payload(pack_codes(codes[keep], bits))
+        values = b"".join(codec._payload(pack_codes(codes[keep], bits)))
         sparse = prefix + struct.pack("<BB", codec._QUANT_SPARSE, flags) + head
-        candidates += [sparse + pos + values for pos in codec._position_options(keep)]
-    return candidates
+        candidates += [sparse + b"".join(pos) + values for pos in codec._position_options(keep)]
+    return [(c,) for c in candidates]
 
 
 def _random_qtensor(bits, shape, zero_fraction, masked, dtype, per_channel):

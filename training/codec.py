@@ -466,10 +466,10 @@ def encode(tensors: Mapping[str, np.ndarray | QTensor], level: int = 3, entropy:
     if len(tensors) >= 1 << 32:
         raise ValueError("too many tensors")
     trial = _compressor(min(level, _TRIAL_LEVEL))
-    records = [struct.pack("<I", len(tensors))]
+    parts = [struct.pack("<I", len(tensors))]
     for name, value in tensors.items():
-        records.append(_encode_tensor(name, value, trial))
-    body = b"".join(records)
+        parts.extend(_encode_tensor(name, value, trial))
+    body = b"".join(parts)  # the one copy of the payloads into the body
     return _frame(body, level, entropy)
 
 
@@ -495,7 +495,8 @@ def _frame(body: bytes, level: int, entropy: bool = True) -> bytes:
     return header + stored
 
 
-def _encode_tensor(name: str, value, trial: zstandard.ZstdCompressor) -> bytes:
+def _encode_tensor(name: str, value, trial: zstandard.ZstdCompressor) -> tuple:
+    """The tensor's record as a tuple of byte strings (joined once, into the body)."""
     if not isinstance(name, str):
         raise TypeError(f"tensor names must be str, got {type(name).__name__}")
     raw_name = name.encode("utf-8")  # lone surrogates raise UnicodeEncodeError (ValueError)
@@ -514,23 +515,21 @@ def _encode_tensor(name: str, value, trial: zstandard.ZstdCompressor) -> bytes:
     if len(candidates) == 1:
         return candidates[0]
     # Compare compressed sizes: raw sizes mislead when zeros are cheap anyway.
-    return min(candidates, key=lambda rec: len(trial.compress(rec)))
+    return (min((b"".join(rec) for rec in candidates), key=lambda rec: len(trial.compress(rec))),)
 
 
 def _shape_bytes(shape: tuple[int, ...]) -> bytes:
     return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
 
 
-def _float_candidates(name: str, arr: np.ndarray, prefix: bytes) -> list[bytes]:
+def _float_candidates(name: str, arr: np.ndarray, prefix: bytes) -> list[tuple]:
     if arr.dtype.kind != "f" or arr.dtype.itemsize != 4:
         raise TypeError(f"{name}: plain arrays must be float32, got {arr.dtype}")
     flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
     if not np.isfinite(flat).all():
         raise ValueError(f"{name}: NaN or Inf values cannot be encoded")
     head = _shape_bytes(arr.shape) + struct.pack("<B", _FLOAT_BITS)
-    dense = (
-        prefix + struct.pack("<BB", _FLOAT_DENSE, 0) + head + _payload(_shuffle(flat))
-    )
+    dense = (prefix, struct.pack("<BB", _FLOAT_DENSE, 0), head, *_payload(_shuffle(flat)))
     # Sparse drops only +0.0 (all bits zero) so -0.0 survives bit-exactly.
     keep = flat.view(np.uint32) != 0
     if (keep.size - np.count_nonzero(keep)) * 32 <= keep.size:  # a bitmap costs more
@@ -538,11 +537,12 @@ def _float_candidates(name: str, arr: np.ndarray, prefix: bytes) -> list[bytes]:
     kept = int(np.count_nonzero(keep))
     where = _kept_positions(keep, kept)
     values = _payload(_shuffle(_gather(flat, keep, where)))
-    sparse = prefix + struct.pack("<BB", _FLOAT_SPARSE, 0) + head
+    sparse = (prefix, struct.pack("<BB", _FLOAT_SPARSE, 0), head)
     return [dense] + [sparse + pos + values for pos in _position_options(keep, kept, where)]
 
 
-def _quant_candidates(q: QTensor, prefix: bytes) -> list[bytes]:
+def _quant_candidates(q: QTensor, prefix: bytes) -> list[tuple]:
+    """Candidate records (each a tuple of byte strings): dense and/or sparse layouts."""
     bits, codes = int(q.bits), q.codes.reshape(-1)
     flags = _FLAG_MASK if q.mask is not None else 0
     if q.scale.ndim == 0:
@@ -563,12 +563,12 @@ def _quant_candidates(q: QTensor, prefix: bytes) -> list[bytes]:
     candidates = []
     if n_kept == codes.size or q.mask is None:
         dense = _payload(_pack_fields(fields, bits))
-        candidates.append(prefix + struct.pack("<BB", _QUANT_DENSE, flags) + head + dense)
+        candidates.append((prefix, struct.pack("<BB", _QUANT_DENSE, flags), head) + dense)
     # Sparse can only pay off when the dropped codes outweigh a bitmap bit each.
     if n_kept < codes.size and (q.mask is not None or (codes.size - n_kept) * bits > codes.size):
         where = _kept_positions(keep, n_kept)
         values = _payload(_pack_fields(_gather(fields, keep, where), bits))
-        sparse = prefix + struct.pack("<BB", _QUANT_SPARSE, flags) + head
+        sparse = (prefix, struct.pack("<BB", _QUANT_SPARSE, flags), head)
         candidates += [sparse + pos + values for pos in _position_options(keep, n_kept, where)]
     return candidates
 
@@ -583,8 +583,8 @@ def _code_fields(codes: np.ndarray, bits: int) -> np.ndarray:
     return (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
 
 
-def _payload(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + data
+def _payload(data: bytes) -> tuple[bytes, bytes]:
+    return struct.pack("<Q", len(data)), data
 
 
 def _kept_positions(keep: np.ndarray, kept: int) -> np.ndarray | None:
@@ -597,14 +597,14 @@ def _gather(values: np.ndarray, keep: np.ndarray, where: np.ndarray | None) -> n
     return values.take(where) if where is not None else np.compress(keep, values)
 
 
-def _position_options(keep: np.ndarray, kept: int | None = None, where: np.ndarray | None = None) -> list[bytes]:
+def _position_options(keep: np.ndarray, kept: int | None = None, where: np.ndarray | None = None) -> list[tuple]:
     """Position encodings worth trying; the caller keeps the best compressed."""
     kept = int(np.count_nonzero(keep)) if kept is None else kept
     options = [(_POS_BITMAP, np.packbits(keep, bitorder="little").tobytes())]
     # Varints take >= 1 byte per kept entry: hopeless above 1/4 density.
     if kept * 4 < keep.size:
         options.append((_POS_VARINT, _varint_encode(np.flatnonzero(keep) if where is None else where)))
-    return [struct.pack("<BQQ", enc, kept, len(pos)) + pos for enc, pos in options]
+    return [(struct.pack("<BQQ", enc, kept, len(pos)), pos) for enc, pos in options]
 
 
 # --------------------------------------------------------------------------
