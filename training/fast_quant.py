@@ -21,9 +21,12 @@ tensor of the same shape, so even a last-ulp rounding is reproduced):
   - ``a = max|w|`` computed as ``max(max w, -min w)``: a max is exact in any
     order, so this equals ``torch.max(torch.abs(w))`` bit for bit;
   - float scale (``Int8WeightPerTensorFloat``): ``scale = max(a, m) / T``
-    (one IEEE float32 division, torch);
+    (Brevitas's clamps are ``max(x, m)`` for ``x >= 0`` and its division is
+    one IEEE float32 division: numpy gives the same bits);
   - power-of-two scale (``PoTWeight*``): ``scale = max(2^round(log2 max(a, m)), m)
-    / 2^round(log2 T)`` (torch ``log2``, ``round``, ``2.0 **``);
+    / 2^round(log2 T)``; ``log2`` and ``2.0 **`` are torch's (a libm-style
+    function may round differently from another one), ``round`` is
+    round-half-even (``np.rint`` == ``torch.round``);
   - ``codes = clip(rint(w / scale), -T, T)``: IEEE division and
     round-half-even, as Brevitas's ``x / scale`` and ``torch.round``; the
     clamp is Brevitas's ``tensor_clamp``. With a float scale it never acts:
@@ -54,7 +57,8 @@ caller gets Brevitas's behaviour.
 
 Determinism: the torch ops are the ones Brevitas calls, on tensors of the same
 shape, dtype and layout, in the same process; the numpy ops are exact
-(max/min, IEEE division, rint, clip, comparisons). Only CPU float32 weights
+(max/min, IEEE division, rint, clip, comparisons, casts of integral values).
+Only CPU float32 weights
 take the fast path. ``tests/test_fast_quant.py`` checks equality against
 Brevitas for every model family and bit width, on random, trained, tied, tiny,
 zero and pruned weights.
