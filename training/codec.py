@@ -555,11 +555,13 @@ def _quant_candidates(q: QTensor, prefix: bytes) -> list[tuple]:
     fields = _code_fields(codes, bits)
     if q.mask is not None:
         keep = q.mask.reshape(-1)
+        n_kept = int(np.count_nonzero(keep))
     elif bits >= 2:
-        keep = fields != np.uint8(1 << (bits - 1))  # code != 0
+        n_kept = int(np.count_nonzero(codes))
+        # the mask of nonzero codes, only if a sparse layout will be tried (see below)
+        keep = fields != np.uint8(1 << (bits - 1)) if (codes.size - n_kept) * bits > codes.size else None
     else:
-        keep = None  # a 1-bit code is never 0: everything is kept
-    n_kept = codes.size if keep is None else int(np.count_nonzero(keep))
+        keep, n_kept = None, codes.size  # a 1-bit code is never 0: everything is kept
     candidates = []
     if n_kept == codes.size or q.mask is None:
         dense = _payload(_pack_fields(fields, bits))

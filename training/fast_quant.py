@@ -223,7 +223,8 @@ def _weight_spec(layer: nn.Module, T) -> WeightSpec | None:
     if type(ssi) is not T._StatsScaling:
         return None
     ssm = ssi._modules
-    rcs, rct, rcst = ssm["restrict_clamp_scaling"], ssm["restrict_clamp_threshold"], ssm["restrict_clamp_scale_threshold"]
+    rcs, rct = ssm["restrict_clamp_scaling"], ssm["restrict_clamp_threshold"]
+    rcst = ssm["restrict_clamp_scale_threshold"]
     if not (type(ssm["affine_rescaling"]) is T.Identity and type(rcs) is T._RestrictClampValue
             and type(rct) is T._RestrictClampValue and type(rcst) is T._RestrictClampValue):
         return None
