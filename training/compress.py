@@ -62,7 +62,8 @@ def _next_state_dict(cls: type, owner: type):
     return None
 
 
-def _walk(model: nn.Module, state: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
+def _walk(model: nn.Module, state: bool = True, detach: bool = True
+          ) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
     """(``model.state_dict()``'s floating entries, ``_quant_layers``) in one pass over the modules.
 
     Equal to ``{k: v for k, v in model.state_dict().items() if v.is_floating_point()}`` (same keys,
@@ -70,8 +71,9 @@ def _walk(model: nn.Module, state: bool = True) -> tuple[dict[str, torch.Tensor]
     naming of shared modules), without the per-module call overhead of both: a Brevitas model has
     hundreds of quantizer submodules that hold no travelling state. If any module's ``state_dict``
     is one this does not reproduce (another override, hooks, extra state), the state is taken
-    from ``model.state_dict()`` itself.
-    ``tests/test_fast_quant.py`` checks the equality on every model family.
+    from ``model.state_dict()`` itself. ``detach=False`` leaves the walked tensors undetached (the
+    caller detaches what it uses). ``tests/test_fast_quant.py`` checks the equality on every model
+    family.
     """
     from brevitas import config
 
@@ -107,13 +109,13 @@ def _walk(model: nn.Module, state: bool = True) -> tuple[dict[str, torch.Tensor]
                 prefix = f"{path}." if path else ""
                 for name, param in params.items():
                     if param is not None and param.is_floating_point():
-                        dest[prefix + name] = param.detach()
+                        dest[prefix + name] = param.detach() if detach else param
                 if buffers:
                     skip = module._non_persistent_buffers_set
                     for name, buf in buffers.items():
                         if (buf is not None and name not in skip and buf.is_floating_point()
                                 and not (kind == "stateless" and name == "value")):
-                            dest[prefix + name] = buf.detach()
+                            dest[prefix + name] = buf.detach() if detach else buf
         children = module._modules
         if children:
             for name, child in reversed(children.items()):
@@ -163,7 +165,7 @@ def model_to_tensors(model: nn.Module, masks: dict[str, torch.Tensor] | None = N
 
     ``fast=False`` takes every quantized layer through Brevitas's ``quant_weight().int()``
     (the reference the fast path is tested against; the result is the same)."""
-    state, quant = _walk(model)
+    state, quant = _walk(model, detach=False)  # detached below, only what is converted
     quant = quant if quantize else {}
     masks = masks or {}
     tensors: dict = {}
