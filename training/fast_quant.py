@@ -276,18 +276,18 @@ def _scale(stat: np.ndarray, spec: WeightSpec) -> np.ndarray:
     if spec.pot:
         e = torch.log2(torch.from_numpy(s)).numpy()
         np.rint(e, out=e)
-        s = (2.0 ** torch.from_numpy(e)).numpy()
+        s = torch.pow(2.0, torch.from_numpy(e)).numpy()  # what ``2.0 ** tensor`` calls
     s = np.asarray(np.maximum(s, np.float32(spec.min_scale)))
     return np.asarray(s / _threshold(spec.bits, spec.pot))
 
 
-@torch.no_grad()
 def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.ndarray, int, np.ndarray] | None:
     """(int8 codes shaped like the weight, bits, float32 scale) as Brevitas computes them, or None.
 
     The scale has shape () per tensor and (C,) per channel. None: the quantizer
     is not one the fast path reproduces, or the weight is not CPU float32, or
     the result is a case Brevitas treats specially (see the module doc).
+    Works on the detached weight: nothing here records autograd history.
     """
     spec = weight_spec(layer) if spec is None else spec
     if spec is None:
@@ -323,7 +323,7 @@ def weight_codes(layer: nn.Module, spec: WeightSpec | None = None) -> tuple[np.n
             codes = y.astype(np.int8)  # |w / scale| <= T (1 + 2^-23): the clamp never acts (module doc)
         elif spec.bits <= 7:
             codes = y.astype(np.int8)  # |w / scale| <= 2^(b-1) sqrt(2) <= 91 fits int8: clamp after the cast
-            np.clip(codes, -top_code, top_code, out=codes)
+            np.clip(codes, np.int8(-top_code), np.int8(top_code), out=codes)
         else:
             np.clip(y, -top_code, top_code, out=y)
             codes = y.astype(np.int8)
