@@ -5,12 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedfinn-installed
 
-.PHONY: install quick test bench reduced clean-runs help
+.PHONY: install quick test bench bench-messages reduced clean-runs help
 
 help:
 	@echo "make quick     install into $(VENV) and run the small federated job on real CIFAR-10"
 	@echo "make test      install and run the test suite"
 	@echo "make bench     overhead benchmark (reduced scale, ~15 min on 2 cores)"
+	@echo "make bench-messages  model -> message and update compression speed vs the old code"
 	@echo "make study-small  every poster row + beyond, small scale (< 2 h on 2 cores) -> results/study-small"
 	@echo "make study-medium the poster's regime: full data, 40 rounds (~10 h on 2 cores; resumable) -> results/study-medium"
 	@echo "make study-paper  the same at paper scale (GPU-sized) -> results/study-paper"
@@ -40,6 +41,9 @@ test: install install-hw install-rtl
 
 bench: install
 	$(BIN)/python bench/overhead.py --out results/bench/overhead.json
+
+bench-messages: install
+	$(BIN)/python bench/message_speed.py --out results/bench/message_speed
 
 clean-runs:
 	rm -rf runs

@@ -149,6 +149,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -239,8 +240,7 @@ class QTensor:
                 raise TypeError("QTensor.mask must be a bool numpy array or None")
             if mask.shape != codes.shape:
                 raise ValueError(f"QTensor.mask shape {mask.shape} != codes shape {codes.shape}")
-        kept = codes if mask is None else codes[mask]
-        if kept.size and not _codes_in_range(kept, int(self.bits)):
+        if not _kept_codes_valid(codes, mask, int(self.bits)):
             raise ValueError(f"QTensor codes out of range for {self.bits} bits")
 
     @property
@@ -260,10 +260,22 @@ class QTensor:
 
 
 def _codes_in_range(codes: np.ndarray, bits: int) -> bool:
+    """Every code valid for ``bits`` (``codes`` non-empty): {-1, +1}, or |code| <= 2^(bits-1) - 1."""
+    lo, hi = codes.min(), codes.max()
     if bits == 1:
-        return bool(np.all((codes == 1) | (codes == -1)))
+        return bool(lo >= -1 and hi <= 1 and np.count_nonzero(codes) == codes.size)
     top = (1 << (bits - 1)) - 1
-    return bool(codes.min() >= -top and codes.max() <= top)
+    return bool(lo >= -top and hi <= top)
+
+
+def _kept_codes_valid(codes: np.ndarray, mask: np.ndarray | None, bits: int) -> bool:
+    """``_codes_in_range`` of the kept codes (all codes, or those where mask is True)."""
+    if mask is None:
+        return not codes.size or _codes_in_range(codes, bits)
+    if bits >= 2 and codes.size and _codes_in_range(codes, bits):
+        return True  # every code is valid, so every kept one is: no gather needed
+    kept = np.compress(mask.reshape(-1), codes.reshape(-1))  # == codes[mask], faster
+    return not kept.size or _codes_in_range(kept, bits)
 
 
 def mib(n_bytes: int) -> float:
@@ -290,8 +302,40 @@ def _unshuffle(payload: memoryview, n: int) -> np.ndarray:
 def _pack_fields(u: np.ndarray, bits: int) -> bytes:
     """Pack unsigned fields (< 2^bits) LSB-first, `bits` bits each.
 
-    Eight fields fill exactly `bits` bytes, so each group of 8 is built as
-    one little-endian uint64 and its low `bits` bytes are kept."""
+    4 and 2 bits: 2 or 4 fields OR-ed into each byte. Other widths: eight
+    fields fill exactly `bits` bytes, so each group of 8 is built as one
+    little-endian uint64 (one shifted column at a time) and its low `bits`
+    bytes are kept. The bytes equal ``_pack_fields_reference``'s (tested)."""
+    u = np.ascontiguousarray(u).reshape(-1)
+    if u.dtype != np.uint8:
+        u = u.astype(np.uint8)
+    if bits == 8:
+        return u.tobytes()
+    if bits == 1:
+        return np.packbits(u, bitorder="little").tobytes()
+    n = u.size
+    if bits in (2, 4):
+        per_byte = 8 // bits
+        if n % per_byte:
+            u = np.concatenate([u, np.zeros(per_byte - n % per_byte, dtype=np.uint8)])
+        cols = u.reshape(-1, per_byte)
+        out = cols[:, 0].copy()
+        for j in range(1, per_byte):
+            out |= cols[:, j] << np.uint8(j * bits)
+        return out.tobytes()
+    groups = -(-n // 8)
+    if n % 8:
+        u = np.concatenate([u, np.zeros(groups * 8 - n, dtype=np.uint8)])
+    cols = u.reshape(groups, 8)
+    words = cols[:, 0].astype("<u8")
+    for j in range(1, 8):
+        words |= cols[:, j].astype("<u8") << np.uint64(j * bits)
+    out = words.view(np.uint8).reshape(groups, 8)[:, :bits]
+    return out.tobytes()[: -(-n * bits // 8)]
+
+
+def _pack_fields_reference(u: np.ndarray, bits: int) -> bytes:
+    """The original packer (uint64 shift + reduce over each group of 8): the tests' oracle."""
     if bits == 8:
         return u.astype(np.uint8).tobytes()
     if bits == 1:
@@ -333,20 +377,34 @@ def _unpack_fields(payload: memoryview, n: int, bits: int) -> np.ndarray:
 
 
 def _varint_encode(indices: np.ndarray) -> bytes:
-    """LEB128 of (first index, then gap - 1 between successive indices)."""
+    """LEB128 of (first index, then gap - 1 between successive indices).
+
+    Gaps below 128 (one byte each) are the bytes themselves; otherwise each
+    varint's 7-bit groups are built one column at a time, in the smallest
+    integer type that holds the largest gap."""
     if indices.size == 0:
         return b""
-    vals = np.diff(indices.astype(np.uint64), prepend=np.uint64(0))
-    vals[1:] -= np.uint64(1)
-    nbytes = np.ones(vals.size, dtype=np.int64)
-    for j in range(1, _MAX_VARINT_BYTES):
-        nbytes += vals >= np.uint64(1 << (7 * j))
-    width = int(nbytes.max())
-    j = np.arange(width, dtype=np.uint64)
-    groups = ((vals[:, None] >> (np.uint64(7) * j)) & np.uint64(0x7F)).astype(np.uint8)
-    more = j[None, :] < (nbytes[:, None] - 1).astype(np.uint64)
-    groups |= np.where(more, np.uint8(0x80), np.uint8(0))
-    return groups[j[None, :] < nbytes[:, None].astype(np.uint64)].tobytes()
+    idx = np.asarray(indices).astype(np.int64, copy=False)
+    vals = np.empty(idx.size, dtype=np.int64)
+    vals[0] = idx[0]
+    np.subtract(idx[1:], idx[:-1], out=vals[1:])
+    vals[1:] -= 1
+    top = int(vals.max())
+    if top < 0x80:
+        return vals.astype(np.uint8).tobytes()
+    width = (top.bit_length() + 6) // 7
+    v = vals.astype(np.uint32 if top < 1 << 32 else np.uint64)
+    nbytes = np.ones(v.size, dtype=np.uint8)
+    for j in range(1, width):
+        nbytes += v >= (1 << (7 * j))
+    groups = np.empty((v.size, width), dtype=np.uint8)
+    for j in range(width):
+        column = (v >> (7 * j)).astype(np.uint8) & np.uint8(0x7F)
+        if j < width - 1:
+            column |= (nbytes > j + 1).view(np.uint8) << np.uint8(7)  # more bytes follow
+        groups[:, j] = column
+    used = nbytes[:, None] > np.arange(width, dtype=np.uint8)
+    return np.compress(used.reshape(-1), groups.reshape(-1)).tobytes()
 
 
 def _varint_decode(pos: memoryview, kept: int, numel: int) -> np.ndarray:
@@ -416,22 +474,38 @@ def encode(tensors: Mapping[str, np.ndarray | QTensor], level: int = 3, entropy:
         raise ValueError(f"zstd level must be -131072..22, got {level}")
     if len(tensors) >= 1 << 32:
         raise ValueError("too many tensors")
-    trial = zstandard.ZstdCompressor(level=min(level, _TRIAL_LEVEL))
-    records = [struct.pack("<I", len(tensors))]
+    trial = _compressor(min(level, _TRIAL_LEVEL))
+    parts = [struct.pack("<I", len(tensors))]
     for name, value in tensors.items():
-        records.append(_encode_tensor(name, value, trial))
-    body = b"".join(records)
+        parts.extend(_encode_tensor(name, value, trial))
+    body = b"".join(parts)  # the one copy of the payloads into the body
     return _frame(body, level, entropy)
 
 
+_compressors = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One ZstdCompressor per level and thread, reused across messages (an instance must not be
+    used by two threads at once; a fresh one costs a context set-up per message). The output of a
+    one-shot compress does not depend on the context's history."""
+    cache = getattr(_compressors, "by_level", None)
+    if cache is None:
+        cache = _compressors.by_level = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
 def _frame(body: bytes, level: int, entropy: bool = True) -> bytes:
-    packed = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body) if entropy else body
+    packed = _compressor(level).compress(body) if entropy else body
     codec, stored = (_CODEC_ZSTD, packed) if len(packed) < len(body) else (_CODEC_RAW, body)
     header = _FRAME.pack(MAGIC, FORMAT_VERSION, codec, 0, len(body), zlib.crc32(stored))
     return header + stored
 
 
-def _encode_tensor(name: str, value, trial: zstandard.ZstdCompressor) -> bytes:
+def _encode_tensor(name: str, value, trial: zstandard.ZstdCompressor) -> tuple:
+    """The tensor's record as a tuple of byte strings (joined once, into the body)."""
     if not isinstance(name, str):
         raise TypeError(f"tensor names must be str, got {type(name).__name__}")
     raw_name = name.encode("utf-8")  # lone surrogates raise UnicodeEncodeError (ValueError)
@@ -450,33 +524,34 @@ def _encode_tensor(name: str, value, trial: zstandard.ZstdCompressor) -> bytes:
     if len(candidates) == 1:
         return candidates[0]
     # Compare compressed sizes: raw sizes mislead when zeros are cheap anyway.
-    return min(candidates, key=lambda rec: len(trial.compress(rec)))
+    return (min((b"".join(rec) for rec in candidates), key=lambda rec: len(trial.compress(rec))),)
 
 
 def _shape_bytes(shape: tuple[int, ...]) -> bytes:
     return struct.pack(f"<B{len(shape)}I", len(shape), *shape)
 
 
-def _float_candidates(name: str, arr: np.ndarray, prefix: bytes) -> list[bytes]:
+def _float_candidates(name: str, arr: np.ndarray, prefix: bytes) -> list[tuple]:
     if arr.dtype.kind != "f" or arr.dtype.itemsize != 4:
         raise TypeError(f"{name}: plain arrays must be float32, got {arr.dtype}")
     flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
     if not np.isfinite(flat).all():
         raise ValueError(f"{name}: NaN or Inf values cannot be encoded")
     head = _shape_bytes(arr.shape) + struct.pack("<B", _FLOAT_BITS)
-    dense = (
-        prefix + struct.pack("<BB", _FLOAT_DENSE, 0) + head + _payload(_shuffle(flat))
-    )
+    dense = (prefix, struct.pack("<BB", _FLOAT_DENSE, 0), head, *_payload(_shuffle(flat)))
     # Sparse drops only +0.0 (all bits zero) so -0.0 survives bit-exactly.
     keep = flat.view(np.uint32) != 0
     if (keep.size - np.count_nonzero(keep)) * 32 <= keep.size:  # a bitmap costs more
         return [dense]
-    values = _payload(_shuffle(flat[keep]))
-    sparse = prefix + struct.pack("<BB", _FLOAT_SPARSE, 0) + head
-    return [dense] + [sparse + pos + values for pos in _position_options(keep)]
+    kept = int(np.count_nonzero(keep))
+    where = _kept_positions(keep, kept)
+    values = _payload(_shuffle(_gather(flat, keep, where)))
+    sparse = (prefix, struct.pack("<BB", _FLOAT_SPARSE, 0), head)
+    return [dense] + [sparse + pos + values for pos in _position_options(keep, kept, where)]
 
 
-def _quant_candidates(q: QTensor, prefix: bytes) -> list[bytes]:
+def _quant_candidates(q: QTensor, prefix: bytes) -> list[tuple]:
+    """Candidate records (each a tuple of byte strings): dense and/or sparse layouts."""
     bits, codes = int(q.bits), q.codes.reshape(-1)
     flags = _FLAG_MASK if q.mask is not None else 0
     if q.scale.ndim == 0:
@@ -485,43 +560,62 @@ def _quant_candidates(q: QTensor, prefix: bytes) -> list[bytes]:
         scale = struct.pack("<B", _SCALE_CHANNEL)
     scale += np.ascontiguousarray(q.scale, dtype="<f4").tobytes()
     head = _shape_bytes(q.shape) + struct.pack("<B", bits) + scale
+    # the packed fields: code + 2^(bits-1) (bits >= 2), or code > 0 (bits == 1)
+    fields = _code_fields(codes, bits)
     if q.mask is not None:
         keep = q.mask.reshape(-1)
+        n_kept = int(np.count_nonzero(keep))
     elif bits >= 2:
-        keep = codes != 0
+        n_kept = int(np.count_nonzero(codes))
+        # the mask of nonzero codes, only if a sparse layout will be tried (see below)
+        keep = fields != np.uint8(1 << (bits - 1)) if (codes.size - n_kept) * bits > codes.size else None
     else:
-        keep = np.ones(codes.size, dtype=np.bool_)
-    n_kept = int(np.count_nonzero(keep))
+        keep, n_kept = None, codes.size  # a 1-bit code is never 0: everything is kept
     candidates = []
-    if n_kept == keep.size or q.mask is None:
-        dense = _payload(_pack_codes(codes, bits))
-        candidates.append(prefix + struct.pack("<BB", _QUANT_DENSE, flags) + head + dense)
+    if n_kept == codes.size or q.mask is None:
+        dense = _payload(_pack_fields(fields, bits))
+        candidates.append((prefix, struct.pack("<BB", _QUANT_DENSE, flags), head) + dense)
     # Sparse can only pay off when the dropped codes outweigh a bitmap bit each.
-    if n_kept < keep.size and (q.mask is not None or (keep.size - n_kept) * bits > keep.size):
-        values = _payload(_pack_codes(codes[keep], bits))
-        sparse = prefix + struct.pack("<BB", _QUANT_SPARSE, flags) + head
-        candidates += [sparse + pos + values for pos in _position_options(keep)]
+    if n_kept < codes.size and (q.mask is not None or (codes.size - n_kept) * bits > codes.size):
+        where = _kept_positions(keep, n_kept)
+        values = _payload(_pack_fields(_gather(fields, keep, where), bits))
+        sparse = (prefix, struct.pack("<BB", _QUANT_SPARSE, flags), head)
+        candidates += [sparse + pos + values for pos in _position_options(keep, n_kept, where)]
     return candidates
 
 
-def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
+def _code_fields(codes: np.ndarray, bits: int) -> np.ndarray:
+    """The unsigned field of each code (flat uint8): code > 0 at 1 bit, else code + 2^(bits-1)."""
     if bits == 1:
-        return _pack_fields((codes > 0).astype(np.uint8), 1)
-    return _pack_fields((codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8), bits)
+        return (codes > 0).view(np.uint8)
+    if codes.dtype == np.int8:
+        # code + 2^(bits-1) lies in [1, 2^bits - 1]: the same byte in wrapping uint8 arithmetic
+        return codes.view(np.uint8) + np.uint8(1 << (bits - 1))
+    return (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
 
 
-def _payload(data: bytes) -> bytes:
-    return struct.pack("<Q", len(data)) + data
+def _payload(data: bytes) -> tuple[bytes, bytes]:
+    return struct.pack("<Q", len(data)), data
 
 
-def _position_options(keep: np.ndarray) -> list[bytes]:
+def _kept_positions(keep: np.ndarray, kept: int) -> np.ndarray | None:
+    """The kept flat indices when the varint option will need them (below 1/4 density), else None."""
+    return np.flatnonzero(keep) if kept * 4 < keep.size else None
+
+
+def _gather(values: np.ndarray, keep: np.ndarray, where: np.ndarray | None) -> np.ndarray:
+    """``values[keep]``: by index when the indices are at hand, else np.compress (faster than [keep])."""
+    return values.take(where) if where is not None else np.compress(keep, values)
+
+
+def _position_options(keep: np.ndarray, kept: int | None = None, where: np.ndarray | None = None) -> list[tuple]:
     """Position encodings worth trying; the caller keeps the best compressed."""
-    kept = int(np.count_nonzero(keep))
+    kept = int(np.count_nonzero(keep)) if kept is None else kept
     options = [(_POS_BITMAP, np.packbits(keep, bitorder="little").tobytes())]
     # Varints take >= 1 byte per kept entry: hopeless above 1/4 density.
     if kept * 4 < keep.size:
-        options.append((_POS_VARINT, _varint_encode(np.flatnonzero(keep))))
-    return [struct.pack("<BQQ", enc, kept, len(pos)) + pos for enc, pos in options]
+        options.append((_POS_VARINT, _varint_encode(np.flatnonzero(keep) if where is None else where)))
+    return [(struct.pack("<BQQ", enc, kept, len(pos)), pos) for enc, pos in options]
 
 
 # --------------------------------------------------------------------------
