@@ -1,4 +1,6 @@
-"""Per-round runtime weights, before and after: interleaved ``fedfinn hw weights`` runs (issue: hardware 6).
+"""Per-round runtime weights, before and after: interleaved ``fedfinn hw weights`` runs.
+
+Goal: the same files, bit for bit, without re-running FINN's front half every round.
 
 "Before" is the flow as it stood before the recipe (FINN's front half on every round), run from a
 checkout of that commit given with ``--before`` (e.g. ``git worktree add /tmp/before f76e62c``) on a

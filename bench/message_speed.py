@@ -45,7 +45,7 @@ from training import compress, updates
 from training.models import build_model
 from training.pruning import prune_
 
-BASELINE_REF = "f76e62c"  # main before the fast message path (issue: engine speed)
+BASELINE_REF = "f76e62c"  # main before the fast message path
 MODEL_GOAL_MB_S = 500.0
 UPDATE_GOAL_MB_S = 300.0
 

@@ -44,22 +44,15 @@ def build_folded_model(name: str, out: Path) -> Path:
 
     hw API used: hw.build.make_config, HW_STEPS, FINAL_STEP, build, find_intermediate."""
     import torch
-    from torch import nn
 
     from export import to_qonnx
     from hw.build import FINAL_STEP, HW_STEPS, build, find_intermediate, make_config
     from training.data import dataset_stats
-    from training.models import build_model
+    from training.models import build_model, spread_batchnorm_stats
 
     torch.manual_seed(0)
     model = build_model(name)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    spread_batchnorm_stats(model, 0)
     qonnx = out / f"{name}.onnx"
     to_qonnx(model.eval(), qonnx)
     mean, std = dataset_stats("cifar10")

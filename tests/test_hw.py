@@ -582,17 +582,12 @@ def _export_cnv(name: str, path: Path, noise: float = 0.0, seed: int = 0) -> Pat
     """A deployable CNV at initialization with randomized batch-norm statistics; ``noise`` > 0: every
     weight and batch-norm parameter moved by that relative amount (a later round, as training does)."""
     from export.qonnx_export import to_qonnx
-    from training.models import build_model
+    from training.models import build_model, spread_batchnorm_stats
 
     torch.manual_seed(0)
     model = build_model(name)
-    g = torch.Generator().manual_seed(0)
+    spread_batchnorm_stats(model, 0)
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                c = mod.num_features
-                mod.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
         if noise:
             g2 = torch.Generator().manual_seed(seed)
             for name_, prm in list(model.named_parameters()) + list(model.named_buffers()):

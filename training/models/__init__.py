@@ -68,3 +68,21 @@ def build_model(name: str, num_classes: int = 10, weight_bits: int = 32) -> nn.M
     from .resnet12_bn import ResNet12BN
 
     return ResNet12BN(num_classes=num_classes, weight_bits=w, act_bits=a)
+
+
+def spread_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running means drawn in [-0.5, 0.5) and variances in [0.5, 1.5), in place.
+
+    A freshly built model's statistics (0 and 1) fold into thresholds that are nearly all alike,
+    which would hide errors a trained model shows; tests and hardware estimates use this instead.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
