@@ -1,6 +1,7 @@
 """The study writer (fedfinn study): tables, figures and cost model from real tiny runs."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -99,3 +100,31 @@ def test_study_cli_and_missing_reference(study_runs, tmp_path):
                           str(tmp_path / "y"), "--links", "2.5"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "s_per_round_2.5mbit" in (tmp_path / "y" / "cost.csv").read_text()
+
+
+def test_a_row_still_running_is_marked_compared_where_it_stands_and_not_ranked(study_runs, tmp_path):
+    """A row stopped part-way (its metrics end before the config's last round) is compared with fp32 over the
+    same rounds, labelled as running, and never chosen as the smallest message within 1 point."""
+    import shutil
+
+    tmp, dirs = study_runs
+    part = tmp_path / "study_small_q4_poster"
+    shutil.copytree(dirs[2], part)  # q4bit, 3 rounds; keep 2 and say the protocol is the poster's
+    lines = (part / "metrics.jsonl").read_text().splitlines()
+    (part / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    cfg = (part / "config.toml").read_text().replace('name = "study_small_q4bit"', 'name = "study_small_q4_poster"')
+    cfg = re.sub(r'(?m)^(uplink|downlink) = ".*"$', r'\1 = "fp32"', cfg)
+    assert cfg.count('= "fp32"') == 2
+    (part / "config.toml").write_text(cfg)
+    runs = [load_run(d) for d in (dirs[1], part)]
+    ref, running = runs
+    assert not running.finished and ref.finished and running.planned_rounds == 3
+    paths = write_study([dirs[1], part], tmp_path / "out", title="tiny")
+    rows = {r["row"]: r for r in csv.DictReader(open(paths["table_csv"]))}
+    assert rows["q4_poster"]["rounds"] == "2/3 (running)" and rows["fp32_zstd"]["rounds"] == "3"
+    ref_at_2 = sum(r["test_accuracy"] for r in ref.rows[:2]) / 2
+    assert float(rows["q4_poster"]["delta_vs_fp32_pts"]) == round(100 * (running.accuracy_last3 - ref_at_2), 2)
+    assert "fp32 both ways (poster protocol)" in rows["q4_poster"]["technique"]
+    assert smallest_within(runs, points=100.0) is ref  # the smaller running row does not count
+    summary = paths["summary"].read_text()
+    assert "Still running" in summary and summary.index("q4_poster") > summary.index("Still running")

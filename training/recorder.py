@@ -207,6 +207,21 @@ class RunRecord:
         return self.rows[-1]["round"]
 
     @property
+    def planned_rounds(self) -> int:
+        return int(self.cfg.get("federation", {}).get("rounds", self.rounds))
+
+    @property
+    def finished(self) -> bool:
+        """Every round of the config is recorded (a run stopped part-way is not)."""
+        return self.rounds >= self.planned_rounds
+
+    def accuracy_last3_at(self, round_: int) -> float:
+        """Mean test accuracy of the three rounds up to ``round_`` (a finished run compared with one still
+        running, at the same point)."""
+        last = [r for r in self.rows if r["round"] <= round_][-3:]
+        return sum(r["test_accuracy"] for r in last) / len(last)
+
+    @property
     def accuracy(self) -> float:
         """Test accuracy after the last round."""
         return self.rows[-1]["test_accuracy"]

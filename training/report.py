@@ -35,8 +35,12 @@ def technique(cfg: dict) -> str:
         parts.append(f"updates: top {c.get('update_density', 0.1) * 100:g}% up, {down}, "
                      f"{'float' if ub == 32 else f'{ub}-bit'} values"
                      + (", error feedback" if c.get("error_feedback", True) else ", no error feedback"))
-    if c.get("downlink") == "fp32" and (bits != 32 or rate) and c.get("update") != "delta":
-        parts.append("fp32 downlink")
+    if (bits != 32 or rate) and c.get("update") != "delta":
+        up32, down32 = c.get("uplink") == "fp32", c.get("downlink") == "fp32"
+        if up32 and down32:
+            parts.append("fp32 both ways (poster protocol)")
+        elif up32 or down32:
+            parts.append("fp32 uplink" if up32 else "fp32 downlink")
     if not c.get("entropy_coding", True):
         parts.append("no entropy coding")
     elif not parts:

@@ -180,13 +180,20 @@ def table_rows(runs: list[StudyRun]) -> list[dict]:
         out.append({
             "row": r.row, "technique": r.technique, "accuracy_%": round(100 * r.accuracy, 2),
             "last3_mean_%": round(100 * r.accuracy_last3, 2),
-            "delta_vs_fp32_pts": round(100 * (r.accuracy_last3 - ref.accuracy_last3), 2),
+            "delta_vs_fp32_pts": round(100 * delta_vs(ref, r), 2),
             "mib_up": round(r.mib_up, 4), "mib_down": round(r.mib_down, 4), "mib_max": round(r.mib_max, 4),
             "mib_bitcount": "" if bitcount is None else round(bitcount, 4),
             "poster_accuracy_%": "" if poster is None else poster[0], "poster_mib": "" if poster is None else poster[1],
-            "x_smaller_up": round(full / r.mib_up, 1), "rounds": r.rows[-1]["round"],
+            "x_smaller_up": round(full / r.mib_up, 1),
+            "rounds": r.rounds if r.finished else f"{r.rounds}/{r.planned_rounds} (running)",
         })
     return out
+
+
+def delta_vs(ref: StudyRun, run: StudyRun) -> float:
+    """``run``'s mean accuracy over its last three rounds minus the fp32 run's over the same rounds (a row
+    still running is compared where it stands, not with fp32's end)."""
+    return run.accuracy_last3 - ref.accuracy_last3_at(run.rounds)
 
 
 def bytes_moved(row: dict) -> int:
@@ -225,7 +232,7 @@ def smallest_within(runs: list[StudyRun], points: float = 1.0) -> StudyRun | Non
     """The run with the smallest uplink+downlink message whose accuracy (mean of the last three
     rounds) is at most ``points`` below the fp32 run's."""
     ref = reference(runs)
-    ok = [r for r in runs if 100 * (ref.accuracy_last3 - r.accuracy_last3) <= points]
+    ok = [r for r in runs if r.finished and 100 * (ref.accuracy_last3 - r.accuracy_last3) <= points]
     return min(ok, key=lambda r: max(r.mib_up, r.mib_down), default=None)
 
 
@@ -290,7 +297,8 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     out.mkdir(parents=True, exist_ok=True)
     ref = reference(runs)
     caption = (f"Scale: {scale_text(ref)}. Machine: {where_it_ran(ref)}. Data: {DATA_NOTE}. "
-               f"Accuracy = top-1 on the test images after the last round; Δ uses the mean of the last three rounds.")
+               f"Accuracy = top-1 on the test images after the last round; Δ: the mean of the last three rounds "
+               f"against fp32's mean over the same rounds (rows still running are compared where they stand).")
     paths = {}
 
     rows = table_rows(runs)
@@ -364,14 +372,21 @@ def figure_data(runs: list[StudyRun]) -> dict[str, tuple[list[str], list[dict], 
 
 def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: str) -> str:
     ref = reference(runs)
-    order = sorted(rows, key=lambda r: -r["last3_mean_%"])
+    done = {r.row for r in runs if r.finished}
+    order = sorted((r for r in rows if r["row"] in done), key=lambda r: -r["last3_mean_%"])
+    running = [r for r in rows if r["row"] not in done]
     best = smallest_within(runs, 1.0)
     lines = [f"# {title}", "", caption, "",
              f"fp32 reference ({ref.row}): {100 * ref.accuracy_last3:.2f} % (mean of the last three rounds).", "",
-             "Techniques by accuracy (mean of the last three rounds):", ""]
+             "Finished techniques by accuracy (mean of the last three rounds):", ""]
     lines += [f"{i + 1}. {r['row']} ({r['technique']}): {r['last3_mean_%']:.2f} % "
               f"({r['delta_vs_fp32_pts']:+.2f} pts), {r['mib_up']:.4f} MiB up / {r['mib_down']:.4f} MiB down"
               for i, r in enumerate(order)]
+    if running:
+        lines += ["", "Still running (Δ against fp32 over the same rounds; not ranked):", ""]
+        lines += [f"- {r['row']} ({r['technique']}): round {r['rounds']}, {r['last3_mean_%']:.2f} % "
+                  f"({r['delta_vs_fp32_pts']:+.2f} pts), {r['mib_up']:.4f} MiB up / {r['mib_down']:.4f} MiB down"
+                  for r in running]
     lines.append("")
     if best is None:
         lines.append("No technique stays within 1 point of the fp32 run.")
