@@ -1,0 +1,86 @@
+"""How faithful is a compressed change, and how large? The levers of update mode, on a real global change.
+
+Takes two consecutive checkpoints of a finished run (by default the medium study's fp32 row, rounds
+39 and 40), forms the change of the global model between them and compresses it with
+``training.updates.compress_update`` at each density and bit width of the grid. For each it reports the
+message size (MiB, what would travel) and how close the receiver's copy is to the change: cosine
+similarity and relative L2 error. These numbers choose which rows are worth a 40-round run; they do not
+replace the runs: a single change without error feedback, not a client's update with its residual.
+
+    python bench/update_levers.py [--run results/study-medium/runs/study_medium_fp32] \\
+        --out results/study-medium/update_levers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from training.compress import decode_for
+from training.config import from_dict
+from training.recorder import checkpoint_path, checkpoint_rounds, load_run
+from training.task import make_model
+from training.updates import compress_update, subtract
+
+DENSITIES = (1.0, 0.3, 0.2, 0.1, 0.05, 0.02)
+BITS = (8, 4, 2, 1)
+MIB = 2**20
+
+
+def global_change(run_dir: Path) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """The change of the global model between the run's last two checkpoints."""
+    run = load_run(run_dir)
+    rounds = checkpoint_rounds(run_dir)
+    if len(rounds) < 2:
+        raise SystemExit(f"{run_dir}: needs two checkpoints, has {rounds}")
+    model = make_model(from_dict(run.cfg))
+    a, b = (decode_for(model, checkpoint_path(run_dir, r).read_bytes()) for r in rounds[-2:])
+    return subtract(b, a), (rounds[-2], rounds[-1])
+
+
+def fidelity(change: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> tuple[float, float]:
+    x = np.concatenate([change[k].reshape(-1).astype(np.float64) for k in change])
+    y = np.concatenate([received[k].reshape(-1).astype(np.float64) for k in change])
+    cos = float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+    return cos, float(np.linalg.norm(x - y) / np.linalg.norm(x))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", default="results/study-medium/runs/study_medium_fp32")
+    p.add_argument("--out", default="results/study-medium/update_levers", help="path without suffix")
+    args = p.parse_args()
+    change, (r0, r1) = global_change(Path(args.run))
+    fp32_mib = sum(v.size for v in change.values()) * 4 / MIB
+    rows = []
+    for density in DENSITIES:
+        for bits in BITS:
+            blob, received = compress_update(change, density, bits)
+            cos, err = fidelity(change, received)
+            rows.append({"density": density, "bits": bits, "mib": round(len(blob) / MIB, 4),
+                         "x_smaller": round(fp32_mib / (len(blob) / MIB), 1), "cosine": round(cos, 3),
+                         "rel_l2_error": round(err, 3)})
+    result = {"what": __doc__.split("\n\n")[0], "run": args.run, "rounds": [r0, r1],
+              "fp32_mib": round(fp32_mib, 4), "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    lines = [f"# Update-mode levers on a real change ({args.run}, rounds {r0} → {r1})", "",
+             "The global model's change between two consecutive checkpoints, compressed by "
+             "`training.updates.compress_update` (top-k per tensor at `density`, `bits` per kept value, one "
+             "scale per tensor; tensors of ≤ 1,024 entries whole). `cosine` / `rel_l2_error`: the receiver's copy "
+             "against the change. One change, no error feedback: this ranks candidates for the 40-round runs, "
+             f"it does not replace them. fp32 change: {fp32_mib:.3f} MiB. `python bench/update_levers.py`.", "",
+             "| density | bits | MiB | x smaller | cosine | rel. L2 error |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['density']:g} | {r['bits']} | {r['mib']:.4f} | {r['x_smaller']} | {r['cosine']:.3f} | "
+              f"{r['rel_l2_error']:.3f} |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
