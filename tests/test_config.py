@@ -53,3 +53,16 @@ def test_unknown_section_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_the_medium_study_rows_load_and_are_all_in_order():
+    """make study-medium runs configs/study/medium/ORDER: every row there has a valid config named after
+    its file, writing into the committed results folder, and no config is left out of the order."""
+    folder = REPO / "configs" / "study" / "medium"
+    order = (folder / "ORDER").read_text().split()
+    assert len(order) == len(set(order))
+    assert sorted(order) == sorted(p.stem for p in folder.glob("*.toml"))
+    for row in order:
+        cfg = load_config(str(folder / f"{row}.toml"))
+        assert cfg.run.name == f"study_medium_{row}" and cfg.run.out_dir == "results/study-medium/runs"
+        assert cfg.federation.rounds == 40 and cfg.data.test_images == 0  # all 10,000
