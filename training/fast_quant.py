@@ -66,50 +66,34 @@ zero and pruned weights.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
+from brevitas.core.bit_width import BitWidthConst
+from brevitas.core.function_wrapper import (
+    Identity, LogTwo, OverOutputChannelView, OverTensorView, PowerOfTwo, RoundSte, ScalarSignedClampMinSte,
+    TensorClamp, TensorClampSte,
+)
+from brevitas.core.function_wrapper.misc import Abs
+from brevitas.core.quant import ClampedBinaryQuant, IntQuant, RescalingIntQuant
+from brevitas.core.quant.delay import _NoDelay
+from brevitas.core.restrict_val import FloatRestrictValue, PowerOfTwoRestrictValue, _ClampValue, _RestrictClampValue
+from brevitas.core.scaling import IntScaling
+from brevitas.core.scaling.runtime import StatsFromParameterScaling, _StatsScaling
+from brevitas.core.stats import AbsAve, AbsMax
+from brevitas.core.stats.stats_wrapper import _ParameterListStats, _Stats
+from brevitas.core.stats.view_wrapper import _ViewParameter
+from brevitas.core.zero_point import ZeroZeroPoint
+from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjector
 from torch import nn
+
+from .models.deploy_layers import AbsAveNonZero, AbsMaxDetached
 
 __all__ = ["weight_codes", "weight_spec", "WeightSpec"]
 
 _SCALE_MIN = 2.0**-100  # scales outside [2^-100, 2^100]: Brevitas's path (see the module doc)
 _SCALE_MAX = 2.0**100
 
-_T = None  # namespace of the classes the fast path understands, imported on first use
-
-
-def _types():
-    """The Brevitas (and project) classes the fast path understands, imported once."""
-    global _T
-    if _T is None:
-        from types import SimpleNamespace
-
-        from brevitas.core.bit_width import BitWidthConst
-        from brevitas.core.function_wrapper import (
-            Identity, LogTwo, OverOutputChannelView, OverTensorView, PowerOfTwo, RoundSte,
-            ScalarSignedClampMinSte, TensorClamp, TensorClampSte,
-        )
-        from brevitas.core.function_wrapper.misc import Abs
-        from brevitas.core.quant import ClampedBinaryQuant, IntQuant, RescalingIntQuant
-        from brevitas.core.quant.delay import _NoDelay
-        from brevitas.core.restrict_val import (
-            FloatRestrictValue, PowerOfTwoRestrictValue, _ClampValue, _RestrictClampValue,
-        )
-        from brevitas.core.scaling import IntScaling
-        from brevitas.core.scaling.runtime import StatsFromParameterScaling, _StatsScaling
-        from brevitas.core.stats import AbsAve, AbsMax
-        from brevitas.core.stats.stats_wrapper import _ParameterListStats, _Stats
-        from brevitas.core.stats.view_wrapper import _ViewParameter
-        from brevitas.core.zero_point import ZeroZeroPoint
-        from brevitas.proxy.parameter_quant import WeightQuantProxyFromInjector
-
-        from .models.deploy_layers import AbsAveNonZero, AbsMaxDetached
-
-        names = dict(locals())
-        names.pop("SimpleNamespace")
-        _T = SimpleNamespace(**names, clamps=(TensorClamp, TensorClampSte))
-    return _T
+_CLAMPS = (TensorClamp, TensorClampSte)  # the clamps whose arithmetic is the same for weights
 
 
 class WeightSpec:
@@ -130,7 +114,7 @@ class WeightSpec:
 
 def _min_val(clamp) -> float | None:
     """min_val of a ScalarSignedClampMinSte (positive), else None."""
-    if type(clamp) is not _types().ScalarSignedClampMinSte:
+    if type(clamp) is not ScalarSignedClampMinSte:
         return None
     val = float(clamp.min_val)
     return val if val > 0 else None
@@ -152,97 +136,97 @@ def weight_spec(layer: nn.Module) -> WeightSpec | None:
     submodules are read from ``_modules`` directly, and a missing one ends the check (None).
     """
     try:
-        return _weight_spec(layer, _types())
+        return _weight_spec(layer)
     except (AttributeError, KeyError, TypeError):
         return None
 
 
-def _weight_spec(layer: nn.Module, T) -> WeightSpec | None:
+def _weight_spec(layer: nn.Module) -> WeightSpec | None:
     proxy = layer._modules["weight_quant"]
-    if type(proxy) is not T.WeightQuantProxyFromInjector or not proxy.is_quant_enabled:
+    if type(proxy) is not WeightQuantProxyFromInjector or not proxy.is_quant_enabled:
         return None
     if proxy.export_mode or getattr(proxy, "requires_quant_input", True):
         return None
     tq = proxy._modules["tensor_quant"]
     sub = tq._modules
-    if type(tq) is T.RescalingIntQuant:
+    if type(tq) is RescalingIntQuant:
         if tq.observer_only:
             return None
         iq = sub["int_quant"]
         iqs = iq._modules
-        if not (type(iq) is T.IntQuant and iq.signed is True and iq.narrow_range is True
-                and type(iqs["float_to_int_impl"]) is T.RoundSte
-                and type(iqs["tensor_clamp_impl"]) in T.clamps
-                and type(iqs["input_view_impl"]) is T.Identity
-                and type(iqs["delay_wrapper"]._modules["delay_impl"]) is T._NoDelay):
+        if not (type(iq) is IntQuant and iq.signed is True and iq.narrow_range is True
+                and type(iqs["float_to_int_impl"]) is RoundSte
+                and type(iqs["tensor_clamp_impl"]) in _CLAMPS
+                and type(iqs["input_view_impl"]) is Identity
+                and type(iqs["delay_wrapper"]._modules["delay_impl"]) is _NoDelay):
             return None
         isc = sub["int_scaling_impl"]
-        if not (type(isc) is T.IntScaling and isc.signed is True and isc.narrow_range is True):
+        if not (type(isc) is IntScaling and isc.signed is True and isc.narrow_range is True):
             return None
         zp = sub["zero_point_impl"]
-        if type(zp) is not T.ZeroZeroPoint or _const(zp._modules["zero_point"]) != 0.0:
+        if type(zp) is not ZeroZeroPoint or _const(zp._modules["zero_point"]) != 0.0:
             return None
         bw = sub["msb_clamp_bit_width_impl"]
-        bits = _const(bw) if type(bw) is T.BitWidthConst else None
+        bits = _const(bw) if type(bw) is BitWidthConst else None
         if bits is None or bits != int(bits) or not 2 <= bits <= 8:
             return None
-        kind, stat_types = "int", (T.AbsMax, T.AbsMaxDetached)
-    elif type(tq) is T.ClampedBinaryQuant:
+        kind, stat_types = "int", (AbsMax, AbsMaxDetached)
+    elif type(tq) is ClampedBinaryQuant:
         bw = sub["bit_width"]
-        if not (type(sub["delay_wrapper"]._modules["delay_impl"]) is T._NoDelay
-                and type(sub["tensor_clamp_impl"]) in T.clamps
-                and type(bw) is T.BitWidthConst and _const(bw) == 1.0):
+        if not (type(sub["delay_wrapper"]._modules["delay_impl"]) is _NoDelay
+                and type(sub["tensor_clamp_impl"]) in _CLAMPS
+                and type(bw) is BitWidthConst and _const(bw) == 1.0):
             return None
-        kind, bits, stat_types = "binary", 1, (T.AbsAve, T.AbsAveNonZero)
+        kind, bits, stat_types = "binary", 1, (AbsAve, AbsAveNonZero)
     else:
         return None
     # statistic: StatsFromParameterScaling over one tracked weight, viewed whole or per output channel
     scaling = sub["scaling_impl"]
-    if type(scaling) is not T.StatsFromParameterScaling:
+    if type(scaling) is not StatsFromParameterScaling:
         return None
     pls = scaling._modules["parameter_list_stats"]
-    if type(pls) is not T._ParameterListStats or pls.extra_tracked_params_list is not None:
+    if type(pls) is not _ParameterListStats or pls.extra_tracked_params_list is not None:
         return None
     first, stats = pls._modules["first_tracked_param"], pls._modules["stats"]
-    if type(first) is not T._ViewParameter or type(stats) is not T._Stats:
+    if type(first) is not _ViewParameter or type(stats) is not _Stats:
         return None
     view = first._modules["view_shape_impl"]
-    if type(view) is T.OverTensorView:
+    if type(view) is OverTensorView:
         per_channel, reduce_dim = False, None
-    elif type(view) is T.OverOutputChannelView and type(view._modules["permute_impl"]) is T.Identity:
+    elif type(view) is OverOutputChannelView and type(view._modules["permute_impl"]) is Identity:
         per_channel, reduce_dim = True, 1
     else:
         return None
     impl = stats._modules["stats_impl"]
     if type(impl) not in stat_types or impl.stats_reduce_dim != reduce_dim:
         return None
-    if type(impl) is T.AbsMax and impl.keepdim:
+    if type(impl) is AbsMax and impl.keepdim:
         return None
     # scale: _StatsScaling with a float (abs) or power-of-two restriction and positive floors
     ssi = scaling._modules["stats_scaling_impl"]
-    if type(ssi) is not T._StatsScaling:
+    if type(ssi) is not _StatsScaling:
         return None
     ssm = ssi._modules
     rcs, rct = ssm["restrict_clamp_scaling"], ssm["restrict_clamp_threshold"]
     rcst = ssm["restrict_clamp_scale_threshold"]
-    if not (type(ssm["affine_rescaling"]) is T.Identity and type(rcs) is T._RestrictClampValue
-            and type(rct) is T._RestrictClampValue and type(rcst) is T._RestrictClampValue):
+    if not (type(ssm["affine_rescaling"]) is Identity and type(rcs) is _RestrictClampValue
+            and type(rct) is _RestrictClampValue and type(rcst) is _RestrictClampValue):
         return None
-    if not (type(rct._modules["clamp_ste"]) is T.Identity and type(rcst._modules["clamp_ste"]) is T.Identity
-            and type(rcst._modules["restrict_value_impl"]) is T.Identity):
+    if not (type(rct._modules["clamp_ste"]) is Identity and type(rcst._modules["clamp_ste"]) is Identity
+            and type(rcst._modules["restrict_value_impl"]) is Identity):
         return None
     restricts = (rcs._modules["restrict_value_impl"], rct._modules["restrict_value_impl"])
-    if all(type(r) is T.FloatRestrictValue and type(r._modules["apply_abs"]) is T.Abs for r in restricts):
-        pot, pre = False, T.Abs
-    elif all(type(r) is T.PowerOfTwoRestrictValue and type(r._modules["float_to_int_impl"]) is T.RoundSte
-             and type(r._modules["power_of_two"]) is T.PowerOfTwo for r in restricts):
-        pot, pre = True, T.LogTwo
+    if all(type(r) is FloatRestrictValue and type(r._modules["apply_abs"]) is Abs for r in restricts):
+        pot, pre = False, Abs
+    elif all(type(r) is PowerOfTwoRestrictValue and type(r._modules["float_to_int_impl"]) is RoundSte
+             and type(r._modules["power_of_two"]) is PowerOfTwo for r in restricts):
+        pot, pre = True, LogTwo
     else:
         return None
     if type(ssm["restrict_scaling_pre"]) is not pre or type(ssm["restrict_threshold_pre"]) is not pre:
         return None
     clamp_scaling = ssm["clamp_scaling"]
-    if type(clamp_scaling) is not T._ClampValue:
+    if type(clamp_scaling) is not _ClampValue:
         return None
     min_stat, min_scale = _min_val(clamp_scaling._modules["clamp_min_ste"]), _min_val(rcs._modules["clamp_ste"])
     if min_stat is None or min_scale is None:
