@@ -10,7 +10,7 @@ from training.config import ConfigError, load_config
 from training.recorder import read_metrics
 from training.runner import InProcessGrid, run
 from training.strategy import CompressedFedAvg
-from training.task import make_model, pack
+from training.task import make_model, pack, unpack
 from training.flower_compat import set_message_ids
 
 from test_federated import tiny  # tests/ is on sys.path (pytest prepend import mode)
@@ -46,6 +46,34 @@ def test_top_k_keeps_the_largest_entries_and_small_tensors_whole(bits):
         assert np.abs(sent["conv"][kept] - conv[kept]).max() <= step / 2 + 1e-6
     dense = codec.encode({k: np.asarray(v) for k, v in change.items()})
     assert len(blob) < len(dense) / 3
+
+
+@pytest.mark.parametrize("bits", [1, 2, 8, 32])
+@pytest.mark.parametrize("density", [0.2, 1.0])
+def test_a_zero_change_arrives_as_zero(bits, density):
+    """A sign code has no zero: at 1 bit a zero change once arrived as +1 * scale in every kept entry."""
+    zero = {k: np.zeros_like(v) for k, v in _change().items()}
+    blob, sent = updates.compress_update(zero, density=density, bits=bits)
+    received = codec.decode_values(blob)
+    for k in zero:
+        np.testing.assert_array_equal(sent[k], zero[k])
+        np.testing.assert_array_equal(np.asarray(received[k]).reshape(zero[k].shape), zero[k])
+
+
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_the_first_downlink_leaves_every_node_on_the_initial_model(tmp_path, cifar10, bits):
+    """Round 1 sends global - initial model = 0: each node must train from the initial model itself."""
+    cfg = tiny(tmp_path, "u", "compression.update=\"delta\"", f"compression.update_bits={bits}",
+               "compression.update_density_down=0.2")
+    strategy = CompressedFedAvg(cfg)
+    grid = InProcessGrid(client_app=None, num_nodes=5)
+    msgs = list(strategy.configure_train(1, strategy.initial_arrays(), ConfigRecord(), grid))
+    init = initial_values(cfg)
+    for m in msgs:
+        context = Context(run_id=1, node_id=m.metadata.dst_node_id, node_config={}, state=RecordDict(),
+                          run_config={})
+        view, _ = receive_update(cfg, make_model(cfg), unpack(m.content["arrays"]), m.content["config"], context)
+        assert updates.fingerprint(view) == updates.fingerprint(init)
 
 
 def test_bad_density_and_bits_are_refused():

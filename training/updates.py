@@ -102,6 +102,10 @@ def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int,
         # mean |v| over the kept entries, summed in the same order as np.abs(v[mask]).mean()
         kept = magnitude.reshape(v.shape) if mask is None else np.compress(mask.reshape(-1), magnitude)
         mag = float(kept.mean()) if kept.size else 0.0
+        if not mag > 0:
+            # nothing to say: a sign code has no zero, so a zero change (e.g. the first downlink,
+            # global - initial model) would arrive as +1 * scale everywhere; send it with nothing kept
+            mask = np.zeros(v.shape, dtype=bool)
         scale = np.float32(mag if mag > 0 else 1.0)
         codes = np.greater_equal(flat, np.float32(0)).view(np.int8)  # 1 where v >= 0
         codes = codes + codes
