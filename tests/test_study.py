@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from training.config import load_config
-from training.recorder import read_metrics
+from training.recorder import read_metrics, source_commit
 from training.runner import run
 from training.study import load_run, pareto_front, round_seconds, smallest_within, write_study
 
@@ -128,3 +128,23 @@ def test_a_row_still_running_is_marked_compared_where_it_stands_and_not_ranked(s
     assert smallest_within(runs, points=100.0) is ref  # the smaller running row does not count
     summary = paths["summary"].read_text()
     assert "Still running" in summary and summary.index("q4_poster") > summary.index("Still running")
+
+
+def test_where_it_ran_counts_code_changes_not_results(tmp_path):
+    """A study commits its run folders while it runs: they must not mark its code as changed."""
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "training").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "training" / "loop.py").write_text("x = 1\n")
+    (tmp_path / "results" / "metrics.jsonl").write_text("{}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    clean = source_commit(tmp_path / "training")
+    assert re.fullmatch(r"[0-9a-f]{7,}", clean)
+    (tmp_path / "results" / "metrics.jsonl").write_text("{}\n{}\n")
+    assert source_commit(tmp_path / "training") == clean
+    (tmp_path / "training" / "loop.py").write_text("x = 2\n")
+    assert source_commit(tmp_path / "training") == clean + "+changes"

@@ -67,13 +67,17 @@ def read_sessions(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-def source_commit() -> str:
-    """The git commit of the code this process runs ("" outside a git checkout)."""
+def source_commit(where: Path | None = None) -> str:
+    """The git commit of the code this process runs (or of the checkout at ``where``), with "+changes"
+    when tracked code differs from it; "" outside a git checkout."""
+    cwd = Path(__file__).resolve().parent if where is None else where
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd,
                              capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+        # only code counts as a change: results (a study's committed run folders) move while it runs
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)results", ":(top,exclude)runs"],
+                               cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return ""
     if out.returncode:
