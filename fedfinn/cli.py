@@ -23,7 +23,7 @@ import torch
 from training import deploy as deployment
 from training.config import ConfigError, load_config
 from training.fastnode import POLL_MAX, supernode_main
-from training.recorder import RunExistsError, load_run, read_metrics
+from training.recorder import RunExistsError, drop_spare_state, load_run, read_metrics
 from training.report import markdown_table, plot_run, write_report
 from training.runner import run
 from training.study import write_study
@@ -49,13 +49,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if (args.skip_done or args.cont) and _finished(cfg):
         print(f"{cfg.run_dir}: all {cfg.federation.rounds} rounds done; skipped")
+        if args.drop_spare_state:
+            drop_spare_state(cfg.run_dir, cfg.federation.rounds)
         return 0
     if args.cont and (cfg.run_dir / "metrics.jsonl").exists() and (cfg.run_dir / "config.toml").exists():
         args.resume = True  # a study interrupted half-way: go on from the last checkpoint
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
-                  observers=observers_for(cfg))
+    try:
+        run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
+                      observers=observers_for(cfg))
+    finally:  # also when stopped: the folder may be committed as it is
+        if args.drop_spare_state and cfg.run_dir.is_dir():
+            drop_spare_state(cfg.run_dir, cfg.federation.rounds)
     _print_run(run_dir)
     return 0
 
@@ -135,6 +141,8 @@ def _add_run(sub) -> None:
     r.add_argument("--skip-done", action="store_true", help="do nothing if this run already finished all its rounds")
     r.add_argument("--continue", dest="cont", action="store_true",
                    help="skip a finished run, resume a started one, else start (what `make study-*` uses)")
+    r.add_argument("--drop-spare-state", action="store_true",
+                   help="on exit, delete update-mode state no resume needs (all of it once every round is done)")
     r.add_argument("--threads", type=int, default=0, help="torch threads in this process (0 = torch's default)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_run)

@@ -12,10 +12,11 @@ import hashlib
 import pytest
 import torch
 
+from fedfinn.cli import main as fedfinn_main
 from test_federated import tiny
 from training import loop
 from training.config import ConfigError, load_config
-from training.recorder import checkpoint_rounds, read_metrics, state_path
+from training.recorder import checkpoint_rounds, drop_spare_state, read_metrics, state_path
 from training.runner import InProcessGrid, run
 from training.client_app import app as client_app
 from training.server_app import serve
@@ -170,3 +171,19 @@ def test_channels_last_trains_the_same_model_up_to_rounding(cifar10):
         models.append({k: v.detach().contiguous() for k, v in m.state_dict().items()})
     diffs = [float((models[0][k].float() - models[1][k].float()).abs().max()) for k in models[0]]
     assert max(diffs) < 1e-2
+
+
+def test_spare_update_state_is_dropped_and_the_run_still_resumes(tmp_path, cifar10):
+    """``fedfinn run --drop-spare-state``: an unfinished update-mode run keeps only the state its resume
+    reads (and resumes bit for bit from it); a finished one keeps none."""
+    extra = ["compression.update=\"delta\"", "compression.update_density=0.3", "compression.update_bits=4",
+             "federation.rounds=4", "federation.fraction_train=0.6"]
+    whole = run(tiny(tmp_path, "whole", *extra), progress=False)
+    expected_ckpt, expected_rows = checkpoints(whole), metrics(whole)
+    stop_after(whole, 3)
+    assert drop_spare_state(whole, 4) == [state_path(whole, 1), state_path(whole, 2)]
+    assert state_path(whole, 3).exists()
+    assert fedfinn_main(["run", str(whole / "config.toml"), "--resume", "--drop-spare-state", "--quiet"]) == 0
+    assert checkpoints(whole) == expected_ckpt and metrics(whole) == expected_rows
+    assert all(r["rejected"] == [] for r in read_metrics(whole))  # resumed from round 3's state: no start-over
+    assert not any(state_path(whole, r).exists() for r in range(1, 5))  # finished: no state left

@@ -183,6 +183,24 @@ def prune_checkpoints(run_dir: Path, keep: int, recorded: int) -> None:
         state_path(run_dir, r).unlink(missing_ok=True)
 
 
+def drop_spare_state(run_dir: Path, planned_rounds: int) -> list[Path]:
+    """Remove update-mode state a run no longer needs; returns what was removed.
+
+    A resume reads the state of the last recorded round only, so older ones are spare; a run that
+    recorded all ``planned_rounds`` needs none (extended later, its nodes start over from the
+    initial model, as after any lost state). A study that commits its run folders uses this: each
+    state is ~10 copies of the model."""
+    rows = read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").exists() else []
+    recorded = rows[-1]["round"] if rows else 0
+    removed = []
+    for r in checkpoint_rounds(run_dir):
+        path = state_path(run_dir, r)
+        if path.exists() and (r < recorded or recorded >= planned_rounds):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def checkpoint_rounds(run_dir: Path) -> list[int]:
     """The rounds that have a checkpoint in ``run_dir``, ascending."""
     folder = Path(run_dir) / "checkpoints"
