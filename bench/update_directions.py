@@ -27,6 +27,10 @@ VARIANTS = {
     "up_only": ("uplink compressed, downlink the whole fp32 model", ['compression.downlink="fp32"']),
     "dense_b1": ("every entry's sign both ways (EF-signSGD, density 1)",
                  ["compression.update_density=1.0", "compression.update_density_down=1.0"]),
+    "d10_b4": ("top 10 %, 4-bit values both ways (smaller still: 0.079 MiB on the real change)",
+               ["compression.update_density=0.1", "compression.update_density_down=0.1", "compression.update_bits=4"]),
+    "d30_b1": ("top 30 %, 1 bit both ways (0.108 MiB on the real change: 28x)",
+               ["compression.update_density=0.3", "compression.update_density_down=0.3"]),
 }
 
 
