@@ -47,21 +47,23 @@ def _interrupt_on_sigterm() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     _interrupt_on_sigterm()
     cfg = load_config(args.config, args.set)
+    try:
+        return _run_or_skip(cfg, args)
+    finally:  # also when skipped or stopped: the folder may be committed as it is
+        if args.drop_spare_state and cfg.run_dir.is_dir():
+            drop_spare_state(cfg.run_dir, cfg.federation.rounds)
+
+
+def _run_or_skip(cfg, args: argparse.Namespace) -> int:
     if (args.skip_done or args.cont) and _finished(cfg):
         print(f"{cfg.run_dir}: all {cfg.federation.rounds} rounds done; skipped")
-        if args.drop_spare_state:
-            drop_spare_state(cfg.run_dir, cfg.federation.rounds)
         return 0
     if args.cont and (cfg.run_dir / "metrics.jsonl").exists() and (cfg.run_dir / "config.toml").exists():
         args.resume = True  # a study interrupted half-way: go on from the last checkpoint
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
-                      observers=observers_for(cfg))
-    finally:  # also when stopped: the folder may be committed as it is
-        if args.drop_spare_state and cfg.run_dir.is_dir():
-            drop_spare_state(cfg.run_dir, cfg.federation.rounds)
+    run_dir = run(cfg, progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
+                  observers=observers_for(cfg))
     _print_run(run_dir)
     return 0
 

@@ -190,7 +190,7 @@ def drop_spare_state(run_dir: Path, planned_rounds: int) -> list[Path]:
     recorded all ``planned_rounds`` needs none (extended later, its nodes start over from the
     initial model, as after any lost state). A study that commits its run folders uses this: each
     state is ~10 copies of the model."""
-    rows = read_metrics(run_dir) if (Path(run_dir) / "metrics.jsonl").exists() else []
+    rows = read_metrics(run_dir)
     recorded = rows[-1]["round"] if rows else 0
     removed = []
     for r in checkpoint_rounds(run_dir):
