@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from brevitas import config as brevitas_config
+from brevitas.core.utils import StatelessBuffer
+from brevitas.proxy.quant_proxy import QuantProxyFromInjector
 from torch import nn
 
 from . import codec, fast_quant
@@ -38,9 +41,6 @@ def _info(cls: type) -> tuple[str | None, bool]:
     anything else (another override, extra state): the module's own ``state_dict`` is called."""
     info = _type_info.get(cls)
     if info is None:
-        from brevitas.core.utils import StatelessBuffer
-        from brevitas.proxy.quant_proxy import QuantProxyFromInjector
-
         kind = None
         if (cls._save_to_state_dict is nn.Module._save_to_state_dict
                 and getattr(cls, "get_extra_state", nn.Module.get_extra_state) is nn.Module.get_extra_state):
@@ -75,9 +75,7 @@ def _walk(model: nn.Module, state: bool = True, detach: bool = True
     caller detaches what it uses). ``tests/test_fast_quant.py`` checks the equality on every model
     family.
     """
-    from brevitas import config
-
-    ignore_proxies = bool(config.IGNORE_PROXY_KEYS.get())
+    ignore_proxies = bool(brevitas_config.IGNORE_PROXY_KEYS.get())
     dest: dict[str, torch.Tensor] = {}
     quant: dict[str, nn.Module] = {}
     seen: set[int] = set()
