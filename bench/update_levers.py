@@ -4,7 +4,8 @@ Takes two consecutive checkpoints of a finished run (by default the medium study
 39 and 40), forms the change of the global model between them and compresses it with
 ``training.updates.compress_update`` at each density and bit width of the grid. For each it reports the
 message size (MiB, what would travel) and how close the receiver's copy is to the change: cosine
-similarity and relative L2 error. These numbers choose which rows are worth a 40-round run; they do not
+similarity and relative L2 error. Each point twice: top-k within each tensor (``scope = tensor``, what
+the study's rows use) and over the whole model (``scope = model``, ``compression.update_topk``). These numbers choose which rows are worth a 40-round run; they do not
 replace the runs: a single change without error feedback, not a client's update with its residual.
 
     python bench/update_levers.py [--run results/study-medium/runs/study_medium_fp32] \\
@@ -23,7 +24,7 @@ from training.compress import decode_for
 from training.config import from_dict
 from training.recorder import checkpoint_path, checkpoint_rounds, load_run
 from training.task import make_model
-from training.updates import compress_update, subtract
+from training.updates import SCOPES, compress_update, subtract
 
 DENSITIES = (1.0, 0.3, 0.2, 0.1, 0.05, 0.02)
 BITS = (8, 4, 2, 1)
@@ -48,6 +49,13 @@ def fidelity(change: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> 
     return cos, float(np.linalg.norm(x - y) / np.linalg.norm(x))
 
 
+def lever(change: dict[str, np.ndarray], fp32_mib: float, density: float, bits: int, scope: str) -> dict:
+    blob, received = compress_update(change, density, bits, scope=scope)
+    cos, err = fidelity(change, received)
+    return {"density": density, "scope": scope, "bits": bits, "mib": round(len(blob) / MIB, 4),
+            "x_smaller": round(fp32_mib / (len(blob) / MIB), 1), "cosine": round(cos, 3), "rel_l2_error": round(err, 3)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="results/study-medium/runs/study_medium_fp32")
@@ -58,11 +66,8 @@ def main() -> int:
     rows = []
     for density in DENSITIES:
         for bits in BITS:
-            blob, received = compress_update(change, density, bits)
-            cos, err = fidelity(change, received)
-            rows.append({"density": density, "bits": bits, "mib": round(len(blob) / MIB, 4),
-                         "x_smaller": round(fp32_mib / (len(blob) / MIB), 1), "cosine": round(cos, 3),
-                         "rel_l2_error": round(err, 3)})
+            for scope in SCOPES if density < 1 else SCOPES[:1]:  # at density 1 both keep everything
+                rows.append(lever(change, fp32_mib, density, bits, scope))
     result = {"what": __doc__.split("\n\n")[0], "run": args.run, "rounds": [r0, r1],
               "fp32_mib": round(fp32_mib, 4), "rows": rows}
     out = Path(args.out)
@@ -70,12 +75,13 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Update-mode levers on a real change ({args.run}, rounds {r0} → {r1})", "",
              "The global model's change between two consecutive checkpoints, compressed by "
-             "`training.updates.compress_update` (top-k per tensor at `density`, `bits` per kept value, one "
-             "scale per tensor; tensors of ≤ 1,024 entries whole). `cosine` / `rel_l2_error`: the receiver's copy "
+             "`training.updates.compress_update` (top-k at `density` within each tensor or over the whole model, "
+             "`bits` per kept value, one scale per tensor; tensors of ≤ 1,024 entries whole). `cosine` / `rel_l2_error`: the receiver's copy "
              "against the change. One change, no error feedback: this ranks candidates for the 40-round runs, "
              f"it does not replace them. fp32 change: {fp32_mib:.3f} MiB. `python bench/update_levers.py`.", "",
-             "| density | bits | MiB | x smaller | cosine | rel. L2 error |", "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['density']:g} | {r['bits']} | {r['mib']:.4f} | {r['x_smaller']} | {r['cosine']:.3f} | "
+             "| density | top-k over | bits | MiB | x smaller | cosine | rel. L2 error |",
+             "|---:|:--|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['density']:g} | {r['scope']} | {r['bits']} | {r['mib']:.4f} | {r['x_smaller']} | {r['cosine']:.3f} | "
               f"{r['rel_l2_error']:.3f} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -1,3 +1,6 @@
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,15 @@ def test_the_medium_study_rows_load_and_are_all_in_order():
         cfg = load_config(str(folder / f"{row}.toml"))
         assert cfg.run.name == f"study_medium_{row}" and cfg.run.out_dir == "results/study-medium/runs"
         assert cfg.federation.rounds == 40 and cfg.data.test_images == 0  # all 10,000
+
+
+def test_the_generator_writes_exactly_the_committed_configs(tmp_path):
+    """configs/generate.py documents how every row's TOML was made: run on a copy of configs/, it must
+    change nothing (a hand-edited config or a stale generator fails here)."""
+    copy = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", copy)
+    subprocess.run([sys.executable, str(copy / "generate.py")], check=True, capture_output=True)
+    committed = {p.relative_to(REPO / "configs"): p.read_bytes() for p in (REPO / "configs").rglob("*") if p.is_file()}
+    written = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert sorted(map(str, written)) == sorted(map(str, committed))
+    assert [str(k) for k in written if written[k] != committed[k]] == []

@@ -48,6 +48,42 @@ def test_top_k_keeps_the_largest_entries_and_small_tensors_whole(bits):
     assert len(blob) < len(dense) / 3
 
 
+@pytest.mark.parametrize("bits", [1, 4, 32])
+def test_model_wide_top_k_keeps_the_largest_entries_of_the_whole_model(bits):
+    """One threshold over every large tensor: a layer whose change is ten times smaller keeps (almost) none."""
+    change = _change()
+    change["quiet"] = (change["conv"][::-1] * 0.1).copy()  # same size, a tenth of the magnitude
+    blob, sent = updates.compress_update(change, density=0.1, bits=bits, scope="model")
+    decoded = codec.decode(blob)
+    big = ("conv", "quiet")
+    kept = {k: decoded[k].mask if isinstance(decoded[k], codec.QTensor) else sent[k] != 0 for k in big}
+    n = sum(change[k].size for k in big)
+    assert sum(int(kept[k].sum()) for k in big) == int(np.ceil(0.1 * n))
+    smallest_kept = min(np.abs(change[k][kept[k]]).min() for k in big if kept[k].any())
+    largest_dropped = max(np.abs(change[k][~kept[k]]).max() for k in big)
+    assert smallest_kept >= largest_dropped  # exactly the largest magnitudes of the model
+    assert kept["conv"].sum() > 10 * kept["quiet"].sum()
+    bias = decoded["bias"]  # small tensors still travel whole
+    assert (bias.mask is None) if isinstance(bias, codec.QTensor) else np.count_nonzero(bias) == 32
+    received = codec.decode_values(blob)
+    for k in change:
+        np.testing.assert_array_equal(np.asarray(received[k]).reshape(change[k].shape), sent[k])
+    # per tensor, the quiet layer would have kept its own tenth
+    per_tensor = codec.decode(updates.compress_update(change, density=0.1, bits=bits)[0])
+    if bits != 32:
+        assert per_tensor["quiet"].mask.sum() == int(np.ceil(0.1 * change["quiet"].size))
+
+
+def test_model_wide_top_k_with_ties_keeps_exactly_k():
+    change = {"a": np.ones((40, 40), dtype=np.float32), "b": -np.ones((40, 40), dtype=np.float32)}
+    blob, sent = updates.compress_update(change, density=0.3, bits=4, scope="model")
+    assert sum(int(np.count_nonzero(v)) for v in sent.values()) == int(np.ceil(0.3 * 3200))
+    with pytest.raises(ValueError, match="scope"):
+        updates.compress_update(change, density=0.3, bits=4, scope="layer")
+    with pytest.raises(ConfigError, match="update_topk"):
+        load_config(None, ["compression.update=\"delta\"", "compression.update_topk=\"layer\""])
+
+
 @pytest.mark.parametrize("bits", [1, 2, 8, 32])
 @pytest.mark.parametrize("density", [0.2, 1.0])
 def test_a_zero_change_arrives_as_zero(bits, density):
@@ -177,11 +213,13 @@ def test_server_starts_a_failed_node_over(tmp_path, cifar10):
     assert {n: m.content["config"][updates.BASE_KEY] for n, m in again.items() if n != failed} == before
 
 
-def test_delta_run_is_small_and_every_reply_is_accepted(tmp_path, cifar10):
+@pytest.mark.parametrize("topk", ["tensor", "model"])
+def test_delta_run_is_small_and_every_reply_is_accepted(tmp_path, cifar10, topk):
     """Parallel workers keep each node's copy between rounds: no reply is refused as stale."""
     common = ["federation.rounds=3", "federation.fraction_train=1.0", "federation.num_clients=2",
               "federation.backend=\"parallel\""]
-    rows = read_metrics(run(tiny(tmp_path, "delta", "compression.update=\"delta\"", *common), progress=False))
+    rows = read_metrics(run(tiny(tmp_path, "delta", "compression.update=\"delta\"",
+                                 f"compression.update_topk=\"{topk}\"", *common), progress=False))
     ref = read_metrics(run(tiny(tmp_path, "model", *common), progress=False))
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert all(r["rejected"] == [] for r in rows)

@@ -157,6 +157,6 @@ def send_update(cfg, model, view: updates.Values, residual: updates.Values | Non
     if c.error_feedback and residual is not None:
         change = updates.add(change, residual)
     blob, sent = updates.compress_update(change, c.update_density, c.update_bits, level=c.zstd_level,
-                                         entropy=c.entropy_coding)
+                                         entropy=c.entropy_coding, scope=c.update_topk)
     _save_state(context, view, updates.subtract(change, sent) if c.error_feedback else None)
     return blob

@@ -95,6 +95,7 @@ class CompressionConfig:
     update_density: float = 0.1  # uplink
     update_density_down: float = 0.1  # downlink (ignored with downlink = "fp32": the model travels whole)
     update_bits: int = 8
+    update_topk: str = "tensor"  # top-k within each tensor, or "model": one threshold over all tensors
     error_feedback: bool = True  # clients add what their last message dropped to the next update
 
 
@@ -243,6 +244,8 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < c.update_density <= 1, "compression.update_density", f"must be in (0, 1], got {c.update_density}")
     _check(0 < c.update_density_down <= 1, "compression.update_density_down",
            f"must be in (0, 1], got {c.update_density_down}")
+    _check(c.update_topk in ("tensor", "model"), "compression.update_topk",
+           f"must be tensor or model, got {c.update_topk!r}")
     _check(c.update_bits == 32 or 1 <= c.update_bits <= 8, "compression.update_bits",
            f"must be 1..8 or 32, got {c.update_bits}")
     _check(c.update == "model" or c.prune_rate == 0, "compression.prune_rate",

@@ -33,7 +33,8 @@ def technique(cfg: dict) -> str:
         down = ("fp32 model down" if c.get("downlink") == "fp32"
                 else f"down top {c.get('update_density_down', 0.1) * 100:g}%")
         parts.append(f"updates: top {c.get('update_density', 0.1) * 100:g}% up, {down}, "
-                     f"{'float' if ub == 32 else f'{ub}-bit'} values"
+                     + ("over the model, " if c.get("update_topk", "tensor") == "model" else "")
+                     + f"{'float' if ub == 32 else f'{ub}-bit'} values"
                      + (", error feedback" if c.get("error_feedback", True) else ", no error feedback"))
     if (bits != 32 or rate) and c.get("update") != "delta":
         up32, down32 = c.get("uplink") == "fp32", c.get("downlink") == "fp32"

@@ -152,7 +152,8 @@ class CompressedFedAvg(FedAvg):
             else:
                 base = self.views.get(node, self.init_values)
                 blob, sent = updates.compress_update(updates.subtract(target, base), c.update_density_down,
-                                                     c.update_bits, level=c.zstd_level, entropy=c.entropy_coding)
+                                                     c.update_bits, level=c.zstd_level, entropy=c.entropy_coding,
+                                                     scope=c.update_topk)
                 view = updates.add(base, sent)
                 node_config[updates.BASE_KEY] = updates.fingerprint(base)
                 node_config[updates.TARGET_KEY] = updates.fingerprint(view)

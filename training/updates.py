@@ -8,7 +8,9 @@ and what the receiver already holds, reduced to its largest entries:
 * per tensor, the ``density`` fraction of entries with the largest magnitude
   is kept (top-k); tensors of at most ``SMALL_TENSOR`` entries (GroupNorm
   weights, biases) are kept whole because their positions would cost more
-  than their values;
+  than their values. With ``scope="model"`` the same number of entries is
+  chosen over all larger tensors at once (one magnitude threshold for the
+  model): layers that changed more keep more of their change;
 * the kept values are quantized to ``bits`` (1..8) with one float32 scale per
   tensor (bits >= 2: max|v| over the tensor's codes; 1 bit: sign times
   mean|v|, as in signSGD), or sent as float32 when ``bits == 32``;
@@ -90,6 +92,33 @@ def _top_k_mask(v: np.ndarray, density: float, magnitude: np.ndarray | None = No
     return keep.reshape(v.shape)
 
 
+def _model_top_k_masks(magnitudes: dict[str, np.ndarray], density: float) -> dict[str, np.ndarray | None]:
+    """Keep-masks of the ``density`` largest |v| over all tensors of more than ``SMALL_TENSOR`` entries
+    at once (``magnitudes``: name -> |v| flat); smaller tensors: None (kept whole).
+
+    Exactly k = ceil(density * n) entries of the n in those tensors, as ``_top_k_mask`` does per tensor:
+    one threshold on the int32 views; ties at the k-th magnitude are settled by ``argpartition`` over
+    the concatenation (tensors in the message's order)."""
+    big = [name for name, m in magnitudes.items() if m.size > SMALL_TENSOR]
+    masks: dict[str, np.ndarray | None] = {name: None for name in magnitudes}
+    if not big or density >= 1:
+        return masks
+    allmag = np.concatenate([magnitudes[name] for name in big])
+    n = allmag.size
+    k = max(1, math.ceil(density * n))
+    kth = np.partition(allmag.view(np.int32), n - k)[n - k]
+    keep = allmag.view(np.int32) >= kth
+    if int(np.count_nonzero(keep)) != k:
+        keep = np.zeros(n, dtype=bool)
+        keep[np.argpartition(allmag, n - k)[n - k:]] = True
+    start = 0
+    for name in big:
+        size = magnitudes[name].size
+        masks[name] = keep[start:start + size]
+        start += size
+    return masks
+
+
 def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int,
               magnitude: np.ndarray | None = None) -> codec.QTensor | np.ndarray:
     """The kept entries of ``v`` as codes + one scale (or float32 when bits == 32); ``magnitude``:
@@ -139,10 +168,14 @@ def _received(value: codec.QTensor | np.ndarray) -> np.ndarray:
     return np.array(value, dtype=np.float32, copy=True)
 
 
+SCOPES = ("tensor", "model")  # where top-k chooses: within each tensor, or over the whole model
+
+
 def compress_update(update: Values, density: float, bits: int, level: int = 3,
-                    entropy: bool = True) -> tuple[bytes, Values]:
-    """Encode ``update`` (top-k at ``density``, ``bits`` per kept value); return the message and
-    exactly what its receiver will decode from it (for the sender's error feedback).
+                    entropy: bool = True, scope: str = "tensor") -> tuple[bytes, Values]:
+    """Encode ``update`` (top-k at ``density`` per tensor or, with ``scope="model"``, over the model;
+    ``bits`` per kept value); return the message and exactly what its receiver will decode from it
+    (for the sender's error feedback).
 
     The second value is computed from the encoded tensors (``_received``), not by decoding the
     message again; ``tests/test_updates.py`` checks it against ``codec.decode_values`` bit for bit."""
@@ -150,14 +183,17 @@ def compress_update(update: Values, density: float, bits: int, level: int = 3,
         raise ValueError(f"update density must be in (0, 1], got {density}")
     if bits != 32 and not 1 <= bits <= 8:
         raise ValueError(f"update bits must be 1..8 or 32, got {bits}")
-    tensors = {}
-    for name, v in update.items():
-        v = np.asarray(v, dtype=np.float32)
-        if bits == 32:
-            tensors[name] = _quantize(v, _top_k_mask(v, density), bits)
-            continue
-        magnitude = np.abs(v.reshape(-1))
-        tensors[name] = _quantize(v, _top_k_mask(v, density, magnitude), bits, magnitude)
+    if scope not in SCOPES:
+        raise ValueError(f"update top-k scope must be one of {SCOPES}, got {scope!r}")
+    values = {name: np.asarray(v, dtype=np.float32) for name, v in update.items()}
+    magnitudes = {name: np.abs(v.reshape(-1)) for name, v in values.items()}
+    if scope == "model":
+        masks = _model_top_k_masks(magnitudes, density)
+    else:
+        masks = {name: _top_k_mask(v, density, magnitudes[name]) for name, v in values.items()}
+    tensors = {name: _quantize(v, None if masks[name] is None else masks[name].reshape(v.shape), bits,
+                               magnitudes[name])
+               for name, v in values.items()}
     blob = codec.encode(tensors, level=level, entropy=entropy)
     return blob, {k: _received(t).reshape(np.shape(update[k])) for k, t in tensors.items()}
 
