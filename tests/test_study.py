@@ -1,5 +1,6 @@
 """The study writer (fedfinn study): tables, figures and cost model from real tiny runs."""
 
+import copy
 import csv
 import re
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from training.config import load_config
 from training.recorder import read_metrics, source_commit
 from training.runner import run
-from training.study import load_run, pareto_front, round_seconds, smallest_within, write_study
+from training.study import OTHER_PANEL, families, load_run, pareto_front, round_seconds, smallest_within, write_study
 
 TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_clients=5", "federation.rounds=3",
         "federation.backend=\"inprocess\""]
@@ -32,8 +33,8 @@ def study_runs(tmp_path_factory, cifar10):
 def test_study_writes_the_table_figures_and_cost_model(study_runs):
     tmp, dirs = study_runs
     paths = write_study(dirs, tmp / "out", links=(1.0, 10.0), title="tiny")
-    for key in ("table_md", "table_csv", "curves", "pruning", "pareto", "cost_md", "cost_csv", "cost_png", "summary",
-                "targets_md"):
+    for key in ("table_md", "table_csv", "curves", "families", "pruning", "pareto", "cost_md", "cost_csv", "cost_png",
+                "summary", "targets_md"):
         assert paths[key].exists() and paths[key].stat().st_size > 100, key
     rows = {r["row"]: r for r in csv.DictReader(open(paths["table_csv"]))}
     assert set(rows) == {"baseline", "fp32_zstd", "q4bit", "q4_prune70", "delta_d10_b8"}
@@ -148,3 +149,15 @@ def test_where_it_ran_counts_code_changes_not_results(tmp_path):
     assert source_commit(tmp_path / "training") == clean
     (tmp_path / "training" / "loop.py").write_text("x = 2\n")
     assert source_commit(tmp_path / "training") == clean + "+changes"
+
+
+def test_each_family_has_its_panel_and_other_seeds_sit_beside_the_row_they_repeat(study_runs):
+    _, dirs = study_runs
+    runs = [load_run(d) for d in dirs]
+    by_row = {r.row: r for r in runs}
+    again = copy.deepcopy(by_row["delta_d10_b8"])
+    again.cfg["federation"]["seed"], again.cfg["data"]["seed"], again.row = 1, 1, "delta_d10_b8_s1"
+    panels = {title: [r.row for r in members] for title, members in families(runs + [again]).items()}
+    assert list(panels.values())[:3] == [["q4bit"], ["delta_d10_b8"], ["q4_prune70"]]
+    assert panels[OTHER_PANEL] == ["baseline", "delta_d10_b8", "delta_d10_b8_s1"]  # fp32_zstd is the reference
+    assert all("fp32_zstd" not in rows for rows in panels.values())

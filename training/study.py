@@ -11,6 +11,9 @@ finished runs (their ``config.toml`` and ``metrics.jsonl``) and writes to OUT:
   the compression factor against the uncompressed fp32 message;
 * ``accuracy_vs_round.png`` (+ ``curves.csv`` / ``curves.md``): the poster's
   left figure (one curve per run), the poster's ~78 % near round 40 marked;
+* ``accuracy_by_family.png``: the same curves in one panel per family
+  (quantization, update mode, pruning, other seeds and fp32 variants), fp32
+  and the poster's point in each: readable when there are many rows;
 * ``to_accuracy.md`` / ``.csv``: rounds and MiB moved (all clients, both ways)
   until 60 % and 70 % test accuracy;
 * ``accuracy_vs_pruning.png`` (+ ``pruning.csv`` / ``pruning.md``): the
@@ -33,6 +36,7 @@ except the poster's published figures (``POSTER``).
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import re
@@ -316,6 +320,7 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
 
     paths["curves"] = plot_curves(runs, out / "accuracy_vs_round.png", caption, label=lambda r: r.row, style=_style,
                                   title="accuracy per round (poster, left)", reference=POSTER_REFERENCE)
+    paths["families"] = plot_families(runs, out / "accuracy_by_family.png", caption)
     trows = target_rows(runs)
     paths["targets_md"] = out / "to_accuracy.md"
     paths["targets_md"].write_text(
@@ -401,6 +406,71 @@ def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: st
     lines += ["", "Where each row ran (machine, device, code commit; a row may span sessions):", ""]
     lines += [f"- {r.row}: {where_it_ran(r)}" for r in runs]
     return "\n".join(lines) + "\n"
+
+
+#: The panels of ``accuracy_by_family.png``, in order: (title, which runs belong there).
+FAMILIES = (
+    ("quantization: the poster's protocol and real bytes", lambda r: r.quantized and not r.prune_rate and not r.delta),
+    ("update mode: top-k changes, error feedback", lambda r: r.delta),
+    ("pruning (and pruning + quantization)", lambda r: bool(r.prune_rate)),
+)
+
+
+OTHER_PANEL = "other seeds and fp32 variants"
+
+
+def seed(run: RunRecord) -> int:
+    return int(run.cfg.get("federation", {}).get("seed", 0))
+
+
+def families(runs: list[StudyRun]) -> dict[str, list[StudyRun]]:
+    """Panel title -> its runs; the fp32 reference is in none (it is drawn in every panel). The last
+    panel holds the runs at other seeds beside the seed-0 runs they repeat, and fp32 variants."""
+    ref = reference(runs)
+    groups = {title: [r for r in runs if r is not ref and seed(r) == 0 and belongs(r)] for title, belongs in FAMILIES}
+    placed = {id(r) for members in groups.values() for r in members}
+    repeated = {_without_seed(r.cfg) for r in runs if seed(r) != 0}
+    groups[OTHER_PANEL] = [r for r in runs if r is not ref and (
+        seed(r) != 0 or id(r) not in placed or _without_seed(r.cfg) in repeated)]
+    return {title: members for title, members in groups.items() if members}
+
+
+def _without_seed(cfg: dict) -> str:
+    """The config without run name and seeds: the same for one row at different seeds."""
+    rest = {k: v for k, v in cfg.items() if k != "run"}
+    rest["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "seed"}
+    rest["federation"] = {k: v for k, v in cfg.get("federation", {}).items() if k != "seed"}
+    return json.dumps(rest, sort_keys=True)
+
+
+def plot_families(runs: list[StudyRun], path: Path, caption: str) -> Path:
+    """Accuracy per round in one panel per family of techniques, fp32 and the poster's point in each: the
+    single figure of every row stops being readable past ~8 rows."""
+    ref = reference(runs)
+    groups = families(runs)
+    cols = 2 if len(groups) > 1 else 1
+    rows_ = -(-len(groups) // cols) if groups else 1
+    fig, axes = plt.subplots(rows_, cols, figsize=(6.5 * cols, 4.2 * rows_ + (0.8 if caption else 0)),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, (title, members) in zip(axes.flat, groups.items()):
+        for r in [ref] + members:
+            ax.plot([x["round"] for x in r.rows], [100 * x["test_accuracy"] for x in r.rows],
+                    "k-" if r is ref else _style(r), lw=1.6 if r is ref else 1.2,
+                    label=f"{r.row} ({100 * r.accuracy_last3:.1f} %)" if r.finished
+                    else f"{r.row} (round {r.rounds}/{r.planned_rounds}: {100 * r.accuracy_last3:.1f} %)")
+        x, y, text = POSTER_REFERENCE
+        ax.scatter([x], [y], marker="*", s=120, color="k", zorder=5, label="poster: ~78 % near round 40")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="lower right")
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("round")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test accuracy (%)")
+    fig.suptitle("accuracy per round by family (legend: mean of the last three rounds)", fontsize=10)
+    return finish(fig, path, caption)
 
 
 def _style(r: StudyRun) -> str:
