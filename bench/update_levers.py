@@ -5,7 +5,13 @@ Takes two consecutive checkpoints of a finished run (by default the medium study
 ``training.updates.compress_update`` at each density and bit width of the grid. For each it reports the
 message size (MiB, what would travel) and how close the receiver's copy is to the change: cosine
 similarity and relative L2 error. Each point twice: top-k within each tensor (``scope = tensor``, what
-the study's rows use) and over the whole model (``scope = model``, ``compression.update_topk``). These numbers choose which rows are worth a 40-round run; they do not
+the study's rows use) and over the whole model (``scope = model``, ``compression.update_topk``).
+
+Two other layouts, which training.updates does not implement, are measured on the same change to say
+whether they would be worth it: every entry at 2 or 3 bits with the scale that minimises the squared
+error of each tensor (instead of max|v| / (2^(b-1) - 1), which rounds most entries of a heavy-tailed
+change to zero at 2 bits), and the best rank-r approximation of each weight tensor (SVD of its
+(out, in x kh x kw) matrix, fp32 factors: the ceiling of PowerSGD-like schemes). These numbers choose which rows are worth a 40-round run; they do not
 replace the runs: a single change without error feedback, not a client's update with its residual.
 
     python bench/update_levers.py [--run results/study-medium/runs/study_medium_fp32] \\
@@ -20,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from training import codec
 from training.compress import decode_for
 from training.config import from_dict
 from training.recorder import checkpoint_path, checkpoint_rounds, load_run
 from training.task import make_model
-from training.updates import SCOPES, compress_update, subtract
+from training.updates import SCOPES, SMALL_TENSOR, compress_update, subtract
 
 DENSITIES = (1.0, 0.3, 0.2, 0.1, 0.05, 0.02)
 BITS = (8, 4, 2, 1)
@@ -56,6 +63,64 @@ def lever(change: dict[str, np.ndarray], fp32_mib: float, density: float, bits: 
             "x_smaller": round(fp32_mib / (len(blob) / MIB), 1), "cosine": round(cos, 3), "rel_l2_error": round(err, 3)}
 
 
+def least_squares_scale(flat: np.ndarray, bits: int) -> np.float32:
+    """The scale (of 60 between max|v| / 50 / top and max|v| / top) whose codes lose the least squared error."""
+    top = 2 ** (bits - 1) - 1
+    candidates = np.float32(np.abs(flat).max() / top) * np.geomspace(0.02, 1, 60).astype(np.float32)
+    errors = [float(np.square(flat - np.clip(np.rint(flat / c), -top, top) * c).sum()) for c in candidates]
+    return candidates[int(np.argmin(errors))]
+
+
+def dense_least_squares(change: dict[str, np.ndarray], bits: int) -> tuple[int, dict[str, np.ndarray]]:
+    """Every entry at ``bits`` with the error-minimising scale; small tensors as fp32 (as update mode)."""
+    tensors, received = {}, {}
+    for name, v in change.items():
+        if v.size <= SMALL_TENSOR or not np.any(v):
+            tensors[name] = received[name] = v.astype(np.float32)
+            continue
+        scale = least_squares_scale(v.reshape(-1), bits)
+        top = 2 ** (bits - 1) - 1
+        codes = np.clip(np.rint(v / scale), -top, top).astype(np.int8)
+        tensors[name] = codec.QTensor(codes=codes, bits=bits, scale=np.asarray(scale, dtype=np.float32))
+        received[name] = (codes * scale).astype(np.float32)
+    return len(codec.encode(tensors)), received
+
+
+def low_rank(change: dict[str, np.ndarray], budget: float) -> tuple[int, dict[str, np.ndarray]]:
+    """Each weight tensor's best rank-r approximation with r * (rows + cols) <= budget * entries (fp32
+    factors, 4 bytes each; the message size counts the factors only, no header)."""
+    nbytes, received = 0, {}
+    for name, v in change.items():
+        if v.ndim < 2 or v.size <= SMALL_TENSOR:
+            received[name] = v
+            nbytes += 4 * v.size
+            continue
+        m = v.reshape(v.shape[0], -1).astype(np.float64)
+        r = max(1, int(budget * m.size / sum(m.shape)))
+        u, sv, vt = np.linalg.svd(m, full_matrices=False)
+        received[name] = ((u[:, :r] * sv[:r]) @ vt[:r]).reshape(v.shape).astype(np.float32)
+        nbytes += 4 * r * sum(m.shape)
+    return nbytes, received
+
+
+def other_layouts(change: dict[str, np.ndarray], fp32_mib: float) -> list[dict]:
+    rows = []
+    for bits in (2, 3):
+        nbytes, received = dense_least_squares(change, bits)
+        rows.append({"layout": f"every entry, {bits} bits, least-squares scale", "nbytes": nbytes, "received": received})
+    for budget in (1 / 32, 1 / 16, 1 / 8):
+        nbytes, received = low_rank(change, budget)
+        rows.append({"layout": f"rank-r SVD, factors = 1/{round(1 / budget)} of the entries", "nbytes": nbytes,
+                     "received": received})
+    out = []
+    for row in rows:
+        cos, err = fidelity(change, row["received"])
+        out.append({"layout": row["layout"], "mib": round(row["nbytes"] / MIB, 4),
+                    "x_smaller": round(fp32_mib / (row["nbytes"] / MIB), 1), "cosine": round(cos, 3),
+                    "rel_l2_error": round(err, 3)})
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="results/study-medium/runs/study_medium_fp32")
@@ -68,8 +133,9 @@ def main() -> int:
         for bits in BITS:
             for scope in SCOPES if density < 1 else SCOPES[:1]:  # at density 1 both keep everything
                 rows.append(lever(change, fp32_mib, density, bits, scope))
+    others = other_layouts(change, fp32_mib)
     result = {"what": __doc__.split("\n\n")[0], "run": args.run, "rounds": [r0, r1],
-              "fp32_mib": round(fp32_mib, 4), "rows": rows}
+              "fp32_mib": round(fp32_mib, 4), "rows": rows, "other_layouts": others}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -83,6 +149,10 @@ def main() -> int:
              "|---:|:--|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['density']:g} | {r['scope']} | {r['bits']} | {r['mib']:.4f} | {r['x_smaller']} | {r['cosine']:.3f} | "
               f"{r['rel_l2_error']:.3f} |" for r in rows]
+    lines += ["", "Other layouts (not in training.updates; measured to see whether they would be worth building):", "",
+              "| layout | MiB | x smaller | cosine | rel. L2 error |", "|:--|---:|---:|---:|---:|"]
+    lines += [f"| {r['layout']} | {r['mib']:.4f} | {r['x_smaller']} | {r['cosine']:.3f} | {r['rel_l2_error']:.3f} |"
+              for r in others]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
