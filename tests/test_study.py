@@ -10,6 +10,7 @@ import pytest
 
 from training.config import load_config
 from training.recorder import read_metrics, source_commit
+from training.report import technique
 from training.runner import run
 from training.study import OTHER_PANEL, families, load_run, pareto_front, round_seconds, smallest_within, write_study
 
@@ -161,3 +162,11 @@ def test_each_family_has_its_panel_and_other_seeds_sit_beside_the_row_they_repea
     assert list(panels.values())[:3] == [["q4bit"], ["delta_d10_b8"], ["q4_prune70"]]
     assert panels[OTHER_PANEL] == ["baseline", "delta_d10_b8", "delta_d10_b8_s1"]  # fp32_zstd is the reference
     assert all("fp32_zstd" not in rows for rows in panels.values())
+
+
+def test_update_rows_are_named_by_what_they_keep():
+    from_cfg = lambda **c: technique({"compression": {"update": "delta", **c}})  # noqa: E731
+    assert from_cfg(update_density=1.0, update_density_down=1.0, update_bits=4).startswith(
+        "updates: every entry up, every entry down, 4-bit values")
+    assert from_cfg(update_density=0.3, update_density_down=0.3, update_bits=1, update_topk="model") == (
+        "updates: top 30% up, down top 30%, top-k over the model, 1-bit values, error feedback")

@@ -30,10 +30,11 @@ def technique(cfg: dict) -> str:
         parts.append(f"pruning {rate * 100:g}%")
     if c.get("update") == "delta":
         ub = c.get("update_bits", 8)
+        up, down = c.get("update_density", 0.1), c.get("update_density_down", 0.1)
         down = ("fp32 model down" if c.get("downlink") == "fp32"
-                else f"down top {c.get('update_density_down', 0.1) * 100:g}%")
-        parts.append(f"updates: top {c.get('update_density', 0.1) * 100:g}% up, {down}, "
-                     + ("over the model, " if c.get("update_topk", "tensor") == "model" else "")
+                else "every entry down" if down >= 1 else f"down top {down * 100:g}%")
+        parts.append(("updates: every entry up" if up >= 1 else f"updates: top {up * 100:g}% up") + f", {down}, "
+                     + ("top-k over the model, " if c.get("update_topk", "tensor") == "model" else "")
                      + f"{'float' if ub == 32 else f'{ub}-bit'} values"
                      + (", error feedback" if c.get("error_feedback", True) else ", no error feedback"))
     if (bits != 32 or rate) and c.get("update") != "delta":
