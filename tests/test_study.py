@@ -12,7 +12,8 @@ from training.config import load_config
 from training.recorder import read_metrics, source_commit
 from training.report import technique
 from training.runner import run
-from training.study import OTHER_PANEL, families, load_run, pareto_front, round_seconds, smallest_within, write_study
+from training.study import (OTHER_PANEL, families, load_run, pareto_front, reference_at, round_seconds, seed_rows,
+                            smallest_within, summary_text, table_rows, write_study)
 
 TINY = ["data.images_per_client=40", "data.test_images=100", "federation.num_clients=5", "federation.rounds=3",
         "federation.backend=\"inprocess\""]
@@ -170,3 +171,40 @@ def test_update_rows_are_named_by_what_they_keep():
         "updates: every entry up, every entry down, 4-bit values")
     assert from_cfg(update_density=0.3, update_density_down=0.3, update_bits=1, update_topk="model") == (
         "updates: top 30% up, down top 30%, top-k over the model, 1-bit values, error feedback")
+
+
+def _at_seed(run, seed, shift):
+    """A copy of ``run`` as if run at another seed, every accuracy moved by ``shift``."""
+    again = copy.deepcopy(run)
+    again.cfg["federation"]["seed"], again.cfg["data"]["seed"] = seed, seed
+    again.row = f"{run.row}_s{seed}"
+    for line in again.rows:
+        line["test_accuracy"] += shift
+    return again
+
+
+def test_other_seeds_are_compared_with_fp32_at_the_same_seed_and_summed_up(study_runs, tmp_path):
+    _, dirs = study_runs
+    runs = [load_run(d) for d in dirs]
+    by_row = {r.row: r for r in runs}
+    ref, delta = by_row["fp32_zstd"], by_row["delta_d10_b8"]
+    # seed 1: fp32 5 points higher and the update row 5.5 points higher (-0.5 against its own fp32);
+    # seed 2: both 2 points lower, the update row 1.5 lower still
+    more = [_at_seed(ref, 1, 0.05), _at_seed(delta, 1, 0.055), _at_seed(ref, 2, -0.02), _at_seed(delta, 2, -0.035)]
+    runs += more
+    assert reference_at(runs, more[1]) is more[0] and reference_at(runs, more[3]) is more[2]
+    assert reference_at(runs, delta) is ref
+    lines = {r["row"]: r for r in seed_rows(runs)}
+    assert set(lines) == {"fp32_zstd", "delta_d10_b8"}
+    base = 100 * (delta.accuracy_last3 - ref.accuracy_last3)
+    per_seed = [base, base + 0.5, base - 1.5]
+    assert lines["delta_d10_b8"]["seeds"] == "0 1 2"
+    assert lines["delta_d10_b8"]["delta_vs_fp32_pts"] == " / ".join(f"{d:+.2f}" for d in per_seed)
+    assert lines["delta_d10_b8"]["delta_mean_pts"] == pytest.approx(sum(per_seed) / 3, abs=0.01)
+    assert lines["delta_d10_b8"]["delta_sd_pts"] == pytest.approx(1.04, abs=0.01)  # sample sd of (0, +0.5, -1.5)
+    assert lines["fp32_zstd"]["delta_mean_pts"] == 0
+    text = summary_text(runs, table_rows(runs), "tiny", "caption")
+    assert "Over seeds" in text and "seeds 0 1 2" in text
+    mean = lines["delta_d10_b8"]["delta_mean_pts"]
+    smallest = text.split("on the mean over seeds: ")[1].splitlines()[0]
+    assert ("delta_d10_b8" in smallest) == (mean >= -1.0)

@@ -25,9 +25,12 @@ finished runs (their ``config.toml`` and ``metrics.jsonl``) and writes to OUT:
   client on its own link; the round waits for the slowest client), at the link
   rates asked for, and time-to-accuracy: the modelled time until the global
   model first reaches the target accuracy;
+* ``seeds.md`` / ``seeds.csv`` (when a configuration ran at several seeds):
+  each seed against the fp32 run at the same seed, mean and standard deviation;
 * ``summary.md``: what ran where (each row's machines and code commits, from
   its ``sessions.jsonl``; scale; data), the ordering of the techniques, and the
-  smallest message within 1 point of the fp32 run.
+  smallest message within 1 point of the fp32 run (at one seed, and on the mean
+  over seeds where rows were repeated).
 
 Every figure is computed from the runs' own JSON lines; nothing is typed in
 except the poster's published figures (``POSTER``).
@@ -40,6 +43,7 @@ import json
 import os
 import platform
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +136,26 @@ def reference(runs: list[StudyRun]) -> StudyRun:
     raise ValueError("the study needs the fp32 run (row fp32_zstd or baseline) to compare with")
 
 
+def seed(run: RunRecord) -> int:
+    return int(run.cfg.get("federation", {}).get("seed", 0))
+
+
+def without_seed(cfg: dict) -> str:
+    """The config without run name and seeds: the same for one row at different seeds."""
+    rest = {k: v for k, v in cfg.items() if k != "run"}
+    rest["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "seed"}
+    rest["federation"] = {k: v for k, v in cfg.get("federation", {}).items() if k != "seed"}
+    return json.dumps(rest, sort_keys=True)
+
+
+def reference_at(runs: list[StudyRun], run: StudyRun) -> StudyRun:
+    """The fp32 run at ``run``'s seed (same split, initial model and sampling: a paired comparison), else
+    the seed-0 reference."""
+    ref = reference(runs)
+    same = without_seed(ref.cfg)
+    return next((r for r in runs if seed(r) == seed(run) and without_seed(r.cfg) == same), ref)
+
+
 def uncompressed_mib(runs: list[StudyRun]) -> float:
     """The uncompressed fp32 message: the baseline row's, else the fp32 row's last model encoded raw."""
     for r in runs:
@@ -184,7 +208,7 @@ def table_rows(runs: list[StudyRun]) -> list[dict]:
         out.append({
             "row": r.row, "technique": r.technique, "accuracy_%": round(100 * r.accuracy, 2),
             "last3_mean_%": round(100 * r.accuracy_last3, 2),
-            "delta_vs_fp32_pts": round(100 * delta_vs(ref, r), 2),
+            "delta_vs_fp32_pts": round(100 * delta_vs(reference_at(runs, r), r), 2),
             "mib_up": round(r.mib_up, 4), "mib_down": round(r.mib_down, 4), "mib_max": round(r.mib_max, 4),
             "mib_bitcount": "" if bitcount is None else round(bitcount, 4),
             "poster_accuracy_%": "" if poster is None else poster[0], "poster_mib": "" if poster is None else poster[1],
@@ -235,9 +259,37 @@ def target_rows(runs: list[StudyRun]) -> list[dict]:
 def smallest_within(runs: list[StudyRun], points: float = 1.0) -> StudyRun | None:
     """The run with the smallest uplink+downlink message whose accuracy (mean of the last three
     rounds) is at most ``points`` below the fp32 run's."""
-    ref = reference(runs)
-    ok = [r for r in runs if r.finished and 100 * (ref.accuracy_last3 - r.accuracy_last3) <= points]
+    ok = [r for r in runs if r.finished and 100 * delta_vs(reference_at(runs, r), r) >= -points]
     return min(ok, key=lambda r: max(r.mib_up, r.mib_down), default=None)
+
+
+SEED_COLUMNS = ("row", "technique", "seeds", "last3_mean_%", "delta_vs_fp32_pts", "delta_mean_pts", "delta_sd_pts",
+                "mib_up", "mib_down", "x_smaller", "finished")
+
+
+def seed_rows(runs: list[StudyRun]) -> list[dict]:
+    """One line per configuration run at two or more seeds: each seed's accuracy (mean of the last three
+    rounds) and difference to the fp32 run at the same seed, their mean and standard deviation, and the
+    mean message sizes."""
+    groups: dict[str, list[StudyRun]] = {}
+    for r in runs:
+        groups.setdefault(without_seed(r.cfg), []).append(r)
+    full, out = uncompressed_mib(runs), []
+    for members in groups.values():
+        if len({seed(r) for r in members}) < 2:
+            continue
+        members.sort(key=seed)
+        deltas = [100 * delta_vs(reference_at(runs, r), r) for r in members]
+        up, down = statistics.fmean(r.mib_up for r in members), statistics.fmean(r.mib_down for r in members)
+        out.append({"row": members[0].row, "technique": members[0].technique,
+                    "seeds": " ".join(str(seed(r)) for r in members),
+                    "last3_mean_%": " / ".join(f"{100 * r.accuracy_last3:.2f}" for r in members),
+                    "delta_vs_fp32_pts": " / ".join(f"{d:+.2f}" for d in deltas),
+                    "delta_mean_pts": round(statistics.fmean(deltas), 2),
+                    "delta_sd_pts": round(statistics.stdev(deltas), 2),
+                    "mib_up": round(up, 4), "mib_down": round(down, 4), "x_smaller": round(full / max(up, down), 1),
+                    "finished": all(r.finished for r in members)})
+    return out
 
 
 # ----------------------------------------------------------------------------- cost model
@@ -352,6 +404,15 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
     _csv(paths["cost_csv"], crow, ccols)
     paths["cost_png"] = plot_cost(runs, out / "cost.png", min(links), caption)
 
+    srows = seed_rows(runs)
+    if srows:
+        paths["seeds_md"] = out / "seeds.md"
+        paths["seeds_md"].write_text(
+            f"# {title}: rows at several seeds\n\n{caption}\n\nEach seed's accuracy (mean of the last three rounds) "
+            f"and its difference to the fp32 run at the same seed (same split, initial model and client "
+            f"sampling), their mean and standard deviation; message sizes are means over the seeds.\n\n"
+            + _md(srows, SEED_COLUMNS))
+        _csv(out / "seeds.csv", srows, SEED_COLUMNS)
     paths["summary"] = out / "summary.md"
     paths["summary"].write_text(summary_text(runs, rows, title, caption))
     return paths
@@ -402,7 +463,21 @@ def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: st
                      f"message {best.mib_max:.4f} MiB), {full / max(best.mib_up, best.mib_down):.1f}x smaller than "
                      f"the uncompressed "
                      f"{full:.3f} MiB; accuracy {100 * best.accuracy_last3:.2f} % "
-                     f"({100 * (best.accuracy_last3 - ref.accuracy_last3):+.2f} pts).")
+                     f"({100 * delta_vs(reference_at(runs, best), best):+.2f} pts, seed {seed(best)}).")
+    seeds = seed_rows(runs)
+    if seeds:
+        lines += ["", "Over seeds (each seed against fp32 at the same seed; seeds.md):", ""]
+        lines += [f"- {r['row']} ({r['technique']}), seeds {r['seeds']}: Δ {r['delta_vs_fp32_pts']} pts, mean "
+                  f"{r['delta_mean_pts']:+.2f} ± {r['delta_sd_pts']:.2f}, {r['mib_up']:.4f} MiB up / "
+                  f"{r['mib_down']:.4f} MiB down" + ("" if r["finished"] else " (a seed still running)")
+                  for r in seeds]
+        held = [r for r in seeds if r["finished"] and r["delta_mean_pts"] >= -1.0]
+        best_mean = min(held, key=lambda r: max(r["mib_up"], r["mib_down"]), default=None)
+        lines.append("")
+        lines.append("Smallest message within 1 point of fp32 on the mean over seeds: " + (
+            f"**{best_mean['row']}** ({best_mean['x_smaller']}x smaller, Δ {best_mean['delta_mean_pts']:+.2f} ± "
+            f"{best_mean['delta_sd_pts']:.2f} over seeds {best_mean['seeds']})." if best_mean else
+            "none of the rows run at several seeds (finished)."))
     lines += ["", "Where each row ran (machine, device, code commit; a row may span sessions):", ""]
     lines += [f"- {r.row}: {where_it_ran(r)}" for r in runs]
     return "\n".join(lines) + "\n"
@@ -419,28 +494,16 @@ FAMILIES = (
 OTHER_PANEL = "other seeds and fp32 variants"
 
 
-def seed(run: RunRecord) -> int:
-    return int(run.cfg.get("federation", {}).get("seed", 0))
-
-
 def families(runs: list[StudyRun]) -> dict[str, list[StudyRun]]:
     """Panel title -> its runs; the fp32 reference is in none (it is drawn in every panel). The last
     panel holds the runs at other seeds beside the seed-0 runs they repeat, and fp32 variants."""
     ref = reference(runs)
     groups = {title: [r for r in runs if r is not ref and seed(r) == 0 and belongs(r)] for title, belongs in FAMILIES}
     placed = {id(r) for members in groups.values() for r in members}
-    repeated = {_without_seed(r.cfg) for r in runs if seed(r) != 0}
+    repeated = {without_seed(r.cfg) for r in runs if seed(r) != 0}
     groups[OTHER_PANEL] = [r for r in runs if r is not ref and (
-        seed(r) != 0 or id(r) not in placed or _without_seed(r.cfg) in repeated)]
+        seed(r) != 0 or id(r) not in placed or without_seed(r.cfg) in repeated)]
     return {title: members for title, members in groups.items() if members}
-
-
-def _without_seed(cfg: dict) -> str:
-    """The config without run name and seeds: the same for one row at different seeds."""
-    rest = {k: v for k, v in cfg.items() if k != "run"}
-    rest["data"] = {k: v for k, v in cfg.get("data", {}).items() if k != "seed"}
-    rest["federation"] = {k: v for k, v in cfg.get("federation", {}).items() if k != "seed"}
-    return json.dumps(rest, sort_keys=True)
 
 
 def plot_families(runs: list[StudyRun], path: Path, caption: str) -> Path:
