@@ -21,6 +21,7 @@ import tomli_w
 from .aggregation import RULES
 from .models import check_model_name
 from .models.quant import SUPPORTED_WEIGHT_BITS
+from .updates import SCOPES as TOPK_SCOPES
 
 
 class ConfigError(ValueError):
@@ -244,8 +245,8 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < c.update_density <= 1, "compression.update_density", f"must be in (0, 1], got {c.update_density}")
     _check(0 < c.update_density_down <= 1, "compression.update_density_down",
            f"must be in (0, 1], got {c.update_density_down}")
-    _check(c.update_topk in ("tensor", "model"), "compression.update_topk",
-           f"must be tensor or model, got {c.update_topk!r}")
+    _check(c.update_topk in TOPK_SCOPES, "compression.update_topk",
+           f"must be one of {', '.join(TOPK_SCOPES)}, got {c.update_topk!r}")
     _check(c.update_bits == 32 or 1 <= c.update_bits <= 8, "compression.update_bits",
            f"must be 1..8 or 32, got {c.update_bits}")
     _check(c.update == "model" or c.prune_rate == 0, "compression.prune_rate",

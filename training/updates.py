@@ -41,6 +41,7 @@ import numpy as np
 from . import codec
 
 SMALL_TENSOR = 1024  # tensors this small travel whole: positions would cost more than values
+SCOPES = ("tensor", "model")  # where top-k chooses: within each tensor, or over the whole model
 BASE_KEY = "fedfinn-base"  # config-record keys of the downlink fingerprints
 TARGET_KEY = "fedfinn-target"
 
@@ -79,17 +80,22 @@ def _top_k_mask(v: np.ndarray, density: float, magnitude: np.ndarray | None = No
     ``argpartition``'s, as it always was: runs stay bit-identical to earlier
     versions of this function.
     """
-    n = v.size
-    if n <= SMALL_TENSOR or density >= 1:
+    if v.size <= SMALL_TENSOR or density >= 1:
         return None
+    return _largest(np.abs(v).reshape(-1) if magnitude is None else magnitude, density).reshape(v.shape)
+
+
+def _largest(magnitude: np.ndarray, density: float) -> np.ndarray:
+    """Flat keep-mask of exactly k = ceil(density * n) largest entries of ``magnitude`` (flat, >= 0)."""
+    n = magnitude.size
     k = max(1, math.ceil(density * n))
-    bits = (np.abs(v).reshape(-1) if magnitude is None else magnitude).view(np.int32)
+    bits = magnitude.view(np.int32)
     kth = np.partition(bits, n - k)[n - k]
     keep = bits >= kth
     if int(np.count_nonzero(keep)) != k:  # ties at the k-th magnitude: argpartition decides, as before
         keep = np.zeros(n, dtype=bool)
-        keep[np.argpartition(np.abs(v).ravel(), n - k)[n - k:]] = True
-    return keep.reshape(v.shape)
+        keep[np.argpartition(magnitude, n - k)[n - k:]] = True
+    return keep
 
 
 def _model_top_k_masks(magnitudes: dict[str, np.ndarray], density: float) -> dict[str, np.ndarray | None]:
@@ -103,14 +109,7 @@ def _model_top_k_masks(magnitudes: dict[str, np.ndarray], density: float) -> dic
     masks: dict[str, np.ndarray | None] = {name: None for name in magnitudes}
     if not big or density >= 1:
         return masks
-    allmag = np.concatenate([magnitudes[name] for name in big])
-    n = allmag.size
-    k = max(1, math.ceil(density * n))
-    kth = np.partition(allmag.view(np.int32), n - k)[n - k]
-    keep = allmag.view(np.int32) >= kth
-    if int(np.count_nonzero(keep)) != k:
-        keep = np.zeros(n, dtype=bool)
-        keep[np.argpartition(allmag, n - k)[n - k:]] = True
+    keep = _largest(np.concatenate([magnitudes[name] for name in big]), density)
     start = 0
     for name in big:
         size = magnitudes[name].size
@@ -166,9 +165,6 @@ def _received(value: codec.QTensor | np.ndarray) -> np.ndarray:
     if isinstance(value, codec.QTensor):
         return np.multiply(value.codes, value.scale, dtype=np.float32)
     return np.array(value, dtype=np.float32, copy=True)
-
-
-SCOPES = ("tensor", "model")  # where top-k chooses: within each tensor, or over the whole model
 
 
 def compress_update(update: Values, density: float, bits: int, level: int = 3,
