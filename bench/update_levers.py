@@ -140,11 +140,11 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# Update-mode levers on a real change ({args.run}, rounds {r0} → {r1})", "",
-             "The global model's change between two consecutive checkpoints, compressed by "
+             ("The global model's change between two consecutive checkpoints, compressed by "
              "`training.updates.compress_update` (top-k at `density` within each tensor or over the whole model, "
              "`bits` per kept value, one scale per tensor; tensors of ≤ 1,024 entries whole). `cosine` / `rel_l2_error`: the receiver's copy "
              "against the change. One change, no error feedback: this ranks candidates for the 40-round runs, "
-             f"it does not replace them. fp32 change: {fp32_mib:.3f} MiB. `python bench/update_levers.py`.", "",
+             f"it does not replace them. fp32 change: {fp32_mib:.3f} MiB. `python bench/update_levers.py`."), "",
              "| density | top-k over | bits | MiB | x smaller | cosine | rel. L2 error |",
              "|---:|:--|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['density']:g} | {r['scope']} | {r['bits']} | {r['mib']:.4f} | {r['x_smaller']} | {r['cosine']:.3f} | "

@@ -200,7 +200,7 @@ TABLE_COLUMNS = ("row", "technique", "accuracy_%", "last3_mean_%", "delta_vs_fp3
 
 
 def table_rows(runs: list[StudyRun]) -> list[dict]:
-    ref, full = reference(runs), uncompressed_mib(runs)
+    full = uncompressed_mib(runs)
     out = []
     for r in runs:
         poster = poster_row(r)
@@ -522,7 +522,7 @@ def plot_families(runs: list[StudyRun], path: Path, caption: str) -> Path:
                     label=f"{r.row} ({100 * r.accuracy_last3:.1f} %)" if r.finished
                     else f"{r.row} (round {r.rounds}/{r.planned_rounds}: {100 * r.accuracy_last3:.1f} %)")
         x, y, text = POSTER_REFERENCE
-        ax.scatter([x], [y], marker="*", s=120, color="k", zorder=5, label="poster: ~78 % near round 40")
+        ax.scatter([x], [y], marker="*", s=120, color="k", zorder=5, label=text)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6.5, loc="lower right")
