@@ -227,3 +227,33 @@ def test_heterogeneous_client_bits(tmp_path, cifar10):
         strategy._check_reply(bad)
     with pytest.raises(Exception, match="client_bits"):
         tiny(tmp_path, "x", "compression.client_bits=[8, 3]")
+
+
+def test_a_finished_parallel_run_lets_its_workers_exit_and_a_stopped_one_kills_them(tmp_path, cifar10, monkeypatch):
+    """Pool.terminate on idle workers can leave one blocked for good on the task queue's lock (a medium-study
+    run hung after its last round): a finished run closes the pool, only a stopped one terminates it."""
+    import multiprocessing.pool
+
+    import training.runner as runner_module
+
+    calls = []
+    real = multiprocessing.pool.Pool.terminate
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate", lambda self: (calls.append("terminate"), real(self)))
+    pools = []
+    real_init = runner_module.InProcessGrid.__init__
+
+    def keep(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        pools.append(self.pool)
+
+    monkeypatch.setattr(runner_module.InProcessGrid, "__init__", keep)
+    run(tiny(tmp_path, "ok", "federation.rounds=1", "federation.backend=\"parallel\""), progress=False)
+    assert calls == [] and all(not p.is_alive() for p in pools[0]._pool)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "serve", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny(tmp_path, "stopped", "federation.rounds=1", "federation.backend=\"parallel\""), progress=False)
+    assert calls == ["terminate"] and all(not p.is_alive() for p in pools[1]._pool)

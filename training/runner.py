@@ -96,9 +96,16 @@ class InProcessGrid(Grid):
             self.pool = mp.get_context(start_method).Pool(workers, _worker_init, (app, threads_per_worker))
         stamp_server_task_identity()
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """End the worker pool: after a finished run the idle workers exit on their own (``Pool.close``);
+        ``stopped`` (an error or Ctrl-C mid-round) kills them. ``Pool.terminate`` on idle workers is not
+        used for the first: a worker killed while it holds the task queue's lock leaves another blocked on
+        it for good, and the run hung after its last round (seen once in the medium study)."""
         if self.pool is not None:
-            self.pool.terminate()
+            if stopped:
+                self.pool.terminate()
+            else:
+                self.pool.close()
             self.pool.join()
             self.pool = None
 
@@ -182,9 +189,13 @@ def run_inprocess(cfg: RunConfig, observers: list[RoundObserver], progress: bool
                          threads_per_worker=cfg.federation.threads_per_client,
                          start_method="spawn" if gpu else "fork")
     try:
-        return serve(grid, cfg, observers=observers, progress=progress, resume=resume, eval_threads=eval_threads(cfg))
-    finally:
-        grid.close()
+        run_dir = serve(grid, cfg, observers=observers, progress=progress, resume=resume,
+                        eval_threads=eval_threads(cfg))
+    except BaseException:
+        grid.close(stopped=True)
+        raise
+    grid.close()
+    return run_dir
 
 
 def cores() -> int:
