@@ -118,14 +118,12 @@ def _model_top_k_masks(magnitudes: dict[str, np.ndarray], density: float) -> dic
     return masks
 
 
-def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int,
-              magnitude: np.ndarray | None = None) -> codec.QTensor | np.ndarray:
-    """The kept entries of ``v`` as codes + one scale (or float32 when bits == 32); ``magnitude``:
-    |v| flat, if the caller has it."""
+def _quantize(v: np.ndarray, mask: np.ndarray | None, bits: int, magnitude: np.ndarray) -> codec.QTensor | np.ndarray:
+    """The kept entries of ``v`` as codes + one scale (or float32 when bits == 32); ``magnitude``: |v| flat
+    (the top-k choice computed it already)."""
     if bits == 32:
         return v if mask is None else np.where(mask, v, np.float32(0)).astype(np.float32)
     flat = v.reshape(-1)  # 1-d even for a scalar: numpy ufuncs on 0-d arrays return scalars
-    magnitude = np.abs(flat) if magnitude is None else magnitude
     if bits == 1:
         # mean |v| over the kept entries, summed in the same order as np.abs(v[mask]).mean()
         kept = magnitude.reshape(v.shape) if mask is None else np.compress(mask.reshape(-1), magnitude)
