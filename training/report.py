@@ -30,10 +30,11 @@ def technique(cfg: dict) -> str:
         parts.append(f"pruning {rate * 100:g}%")
     if c.get("update") == "delta":
         ub = c.get("update_bits", 8)
-        up, down = c.get("update_density", 0.1), c.get("update_density_down", 0.1)
+        density_up, density_down = c.get("update_density", 0.1), c.get("update_density_down", 0.1)
         down = ("fp32 model down" if c.get("downlink") == "fp32"
-                else "every entry down" if down >= 1 else f"down top {down * 100:g}%")
-        parts.append(("updates: every entry up" if up >= 1 else f"updates: top {up * 100:g}% up") + f", {down}, "
+                else "every entry down" if density_down >= 1 else f"down top {density_down * 100:g}%")
+        up = "every entry up" if density_up >= 1 else f"top {density_up * 100:g}% up"
+        parts.append(f"updates: {up}, {down}, "
                      + ("top-k over the model, " if c.get("update_topk", "tensor") == "model" else "")
                      + f"{'float' if ub == 32 else f'{ub}-bit'} values"
                      + (", error feedback" if c.get("error_feedback", True) else ", no error feedback"))
