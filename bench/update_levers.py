@@ -11,8 +11,10 @@ Two other layouts, which training.updates does not implement, are measured on th
 whether they would be worth it: every entry at 2 or 3 bits with the scale that minimises the squared
 error of each tensor (instead of max|v| / (2^(b-1) - 1), which rounds most entries of a heavy-tailed
 change to zero at 2 bits), and the best rank-r approximation of each weight tensor (SVD of its
-(out, in x kh x kw) matrix, fp32 factors: the ceiling of PowerSGD-like schemes). These numbers choose which rows are worth a 40-round run; they do not
-replace the runs: a single change without error feedback, not a client's update with its residual.
+(out, in x kh x kw) matrix, fp32 factors: the ceiling of PowerSGD-like schemes).
+
+These numbers choose which rows are worth a 40-round run; they do not replace the runs: a single change
+without error feedback, not a client's update with its residual.
 
     python bench/update_levers.py [--run results/study-medium/runs/study_medium_fp32] \\
         --out results/study-medium/update_levers
@@ -56,11 +58,16 @@ def fidelity(change: dict[str, np.ndarray], received: dict[str, np.ndarray]) -> 
     return cos, float(np.linalg.norm(x - y) / np.linalg.norm(x))
 
 
+def measured(change: dict[str, np.ndarray], fp32_mib: float, nbytes: int, received: dict[str, np.ndarray]) -> dict:
+    """Size and fidelity of one compressed change, as the tables show them."""
+    cos, err = fidelity(change, received)
+    return {"mib": round(nbytes / MIB, 4), "x_smaller": round(fp32_mib / (nbytes / MIB), 1), "cosine": round(cos, 3),
+            "rel_l2_error": round(err, 3)}
+
+
 def lever(change: dict[str, np.ndarray], fp32_mib: float, density: float, bits: int, scope: str) -> dict:
     blob, received = compress_update(change, density, bits, scope=scope)
-    cos, err = fidelity(change, received)
-    return {"density": density, "scope": scope, "bits": bits, "mib": round(len(blob) / MIB, 4),
-            "x_smaller": round(fp32_mib / (len(blob) / MIB), 1), "cosine": round(cos, 3), "rel_l2_error": round(err, 3)}
+    return {"density": density, "scope": scope, "bits": bits, **measured(change, fp32_mib, len(blob), received)}
 
 
 def least_squares_scale(flat: np.ndarray, bits: int) -> np.float32:
@@ -88,7 +95,7 @@ def dense_least_squares(change: dict[str, np.ndarray], bits: int) -> tuple[int, 
 
 def low_rank(change: dict[str, np.ndarray], budget: float) -> tuple[int, dict[str, np.ndarray]]:
     """Each weight tensor's best rank-r approximation with r * (rows + cols) <= budget * entries (fp32
-    factors, 4 bytes each; the message size counts the factors only, no header)."""
+    factors, 4 bytes each); the other tensors whole as fp32. The size counts those floats, no header."""
     nbytes, received = 0, {}
     for name, v in change.items():
         if v.ndim < 2 or v.size <= SMALL_TENSOR:
@@ -104,21 +111,10 @@ def low_rank(change: dict[str, np.ndarray], budget: float) -> tuple[int, dict[st
 
 
 def other_layouts(change: dict[str, np.ndarray], fp32_mib: float) -> list[dict]:
-    rows = []
-    for bits in (2, 3):
-        nbytes, received = dense_least_squares(change, bits)
-        rows.append({"layout": f"every entry, {bits} bits, least-squares scale", "nbytes": nbytes, "received": received})
-    for budget in (1 / 32, 1 / 16, 1 / 8):
-        nbytes, received = low_rank(change, budget)
-        rows.append({"layout": f"rank-r SVD, factors = 1/{round(1 / budget)} of the entries", "nbytes": nbytes,
-                     "received": received})
-    out = []
-    for row in rows:
-        cos, err = fidelity(change, row["received"])
-        out.append({"layout": row["layout"], "mib": round(row["nbytes"] / MIB, 4),
-                    "x_smaller": round(fp32_mib / (row["nbytes"] / MIB), 1), "cosine": round(cos, 3),
-                    "rel_l2_error": round(err, 3)})
-    return out
+    rows = [(f"every entry, {bits} bits, least-squares scale", dense_least_squares(change, bits)) for bits in (2, 3)]
+    rows += [(f"rank-r SVD, factors = 1/{round(1 / budget)} of the entries", low_rank(change, budget))
+             for budget in (1 / 32, 1 / 16, 1 / 8)]
+    return [{"layout": layout, **measured(change, fp32_mib, nbytes, received)} for layout, (nbytes, received) in rows]
 
 
 def main() -> int:
