@@ -203,7 +203,7 @@ def test_other_seeds_are_compared_with_fp32_at_the_same_seed_and_summed_up(study
     assert lines["delta_d10_b8"]["delta_mean_pts"] == pytest.approx(sum(per_seed) / 3, abs=0.01)
     assert lines["delta_d10_b8"]["delta_sd_pts"] == pytest.approx(1.04, abs=0.01)  # sample sd of (0, +0.5, -1.5)
     assert lines["fp32_zstd"]["delta_mean_pts"] == 0
-    text = summary_text(runs, table_rows(runs), "tiny", "caption")
+    text = summary_text(runs, table_rows(runs), seed_rows(runs), "tiny", "caption")
     assert "Over seeds" in text and "seeds 0 1 2" in text
     mean = lines["delta_d10_b8"]["delta_mean_pts"]
     smallest = text.split("on the mean over seeds: ")[1].splitlines()[0]

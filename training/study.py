@@ -414,7 +414,7 @@ def write_study(run_dirs: list[str | Path], out_dir: str | Path, links: tuple[fl
             + _md(srows, SEED_COLUMNS))
         _csv(out / "seeds.csv", srows, SEED_COLUMNS)
     paths["summary"] = out / "summary.md"
-    paths["summary"].write_text(summary_text(runs, rows, title, caption))
+    paths["summary"].write_text(summary_text(runs, rows, srows, title, caption))
     return paths
 
 
@@ -436,7 +436,8 @@ def figure_data(runs: list[StudyRun]) -> dict[str, tuple[list[str], list[dict], 
                        "accuracy against uplink message size")}
 
 
-def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: str) -> str:
+def summary_text(runs: list[StudyRun], rows: list[dict], seeds: list[dict], title: str, caption: str) -> str:
+    """``rows``: ``table_rows(runs)``; ``seeds``: ``seed_rows(runs)``."""
     ref = reference(runs)
     done = {r.row for r in runs if r.finished}
     order = sorted((r for r in rows if r["row"] in done), key=lambda r: -r["last3_mean_%"])
@@ -464,7 +465,6 @@ def summary_text(runs: list[StudyRun], rows: list[dict], title: str, caption: st
                      f"the uncompressed "
                      f"{full:.3f} MiB; accuracy {100 * best.accuracy_last3:.2f} % "
                      f"({100 * delta_vs(reference_at(runs, best), best):+.2f} pts, seed {seed(best)}).")
-    seeds = seed_rows(runs)
     if seeds:
         lines += ["", "Over seeds (each seed against fp32 at the same seed; seeds.md):", ""]
         lines += [f"- {r['row']} ({r['technique']}), seeds {r['seeds']}: Δ {r['delta_vs_fp32_pts']} pts, mean "
