@@ -208,3 +208,22 @@ def test_other_seeds_are_compared_with_fp32_at_the_same_seed_and_summed_up(study
     mean = lines["delta_d10_b8"]["delta_mean_pts"]
     smallest = text.split("on the mean over seeds: ")[1].splitlines()[0]
     assert ("delta_d10_b8" in smallest) == (mean >= -1.0)
+
+
+def test_the_uncompressed_size_comes_from_the_reference_run_even_without_checkpoints(study_runs, tmp_path):
+    """fp32 + zstd's last model encoded raw; a copy of that run without its checkpoints falls back to its
+    initial model (the same tensors, so the same size), never to a number written in the code."""
+    import shutil
+
+    from training.study import uncompressed_mib, uncompressed_mib_of
+
+    tmp, dirs = study_runs
+    fp32 = next(d for d in dirs if d.name.endswith("fp32_zstd"))
+    bare = tmp_path / fp32.name
+    shutil.copytree(fp32, bare)
+    shutil.rmtree(bare / "checkpoints")
+    with_checkpoint = uncompressed_mib([load_run(fp32)])
+    without = uncompressed_mib_of(load_run(bare))
+    assert without is not None and without == uncompressed_mib([load_run(bare)])
+    # the initial model's zero biases travel sparse: ~4 KB smaller
+    assert without == pytest.approx(with_checkpoint, rel=2e-3) and abs(with_checkpoint - 2.976) < 0.01

@@ -118,12 +118,15 @@ def bitcount_mib(run: RunRecord) -> float | None:
 
 def uncompressed_mib_of(run: RunRecord) -> float | None:
     """The run's last checkpoint encoded again without entropy coding: the exact uncompressed size of the
-    same global model (the fp32 row's 'baseline' size, from the same run)."""
-    rounds = checkpoint_rounds(run.path)
-    if not rounds or run.quantized or run.delta or run.prune_rate:
+    same global model (the fp32 row's 'baseline' size, from the same run). A run that kept no checkpoint:
+    its freshly built initial model (the same tensors; only a tensor that is mostly +0.0 could be
+    stored smaller, sparse)."""
+    if run.quantized or run.delta or run.prune_rate:
         return None
     model = make_model(from_dict(run.cfg))
-    message_to_model(model, checkpoint_path(run.path, rounds[-1]).read_bytes())
+    rounds = checkpoint_rounds(run.path)
+    if rounds:
+        message_to_model(model, checkpoint_path(run.path, rounds[-1]).read_bytes())
     return mib(len(model_to_message(model, entropy=False)))
 
 
@@ -161,7 +164,7 @@ def uncompressed_mib(runs: list[StudyRun]) -> float:
     for r in runs:
         if r.row == "baseline":
             return r.mib_up
-    return uncompressed_mib_of(reference(runs)) or 2.976
+    return uncompressed_mib_of(reference(runs))
 
 
 def scale_text(run: StudyRun) -> str:
