@@ -528,7 +528,7 @@ def plot_families(runs: list[StudyRun], path: Path, caption: str) -> Path:
         ax.scatter([x], [y], marker="*", s=120, color="k", zorder=5, label=text)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="lower right")
+        ax.legend(fontsize=6.5, loc="best")  # the curves fill different corners per family
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     for ax in axes[-1]:
