@@ -31,7 +31,7 @@ install: $(STAMP)
 # at once, each with one single-thread client worker: while one row starts up
 # or evaluates its last round, the other trains (measured on 2 cores: 0.8x the
 # wall time of one row at a time with two workers, the same results;
-# bench/quick_job.py).
+# bench/quick_job.py, results/bench/quick_job.json).
 QUICK_ROWS := fp32 q8 q4 prune90
 QUICK_SET_fp32 := compression.entropy_coding=false
 QUICK_SET_q8 := compression.weight_bits=8
@@ -42,8 +42,8 @@ quick: install
 	$(BIN)/fedfinn report $(QUICK_ROWS:%=runs/quick_%) --out results/quick
 
 quick-row-%: install
-	@$(BIN)/fedfinn run configs/quick.toml --overwrite --set run.name=quick_$* --set $(QUICK_SET_$*) \
-	  --set federation.parallel_clients=1 > /dev/null
+	@$(BIN)/fedfinn run configs/quick.toml --overwrite --quiet --set run.name=quick_$* --set $(QUICK_SET_$*) \
+	  --set federation.parallel_clients=1 > /dev/null  # --quiet: two progress bars would overwrite each other
 	@echo "quick_$* done"
 
 test: install install-hw install-rtl
