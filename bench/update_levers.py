@@ -22,7 +22,9 @@ also reaches squared error (1 - c^2) |change|^2 there (scaling its output is fre
 sqrt(1 - D(size) / |change|^2) bounds the cosine of every coder that treats a channel's entries as draws
 from one distribution: top-k, scalar quantizers, signs, per-channel scales, entropy coding of any of
 them. It does not bound coders that exploit order within a channel (low rank: measured above) or other
-rounds and clients.
+rounds and clients. Blahut-Arimoto on a histogram is itself within ~1 % in squared error of the true
+curve (checked on a Gaussian and on reverse water-filling, tests/test_update_levers.py): at 32x that
+moves the bound by ~0.001 in cosine.
 
 These numbers choose which rows are worth a 40-round run; they do not replace the runs: a single change
 without error feedback, not a client's update with its residual.

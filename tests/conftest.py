@@ -18,3 +18,16 @@ def cifar10():
     from training.data import load_cifar
 
     return load_cifar("cifar10")
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """Loads a script of bench/ (not a package) as a module: ``bench_module("poisoning")``."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

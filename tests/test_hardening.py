@@ -142,23 +142,12 @@ def test_certificate_files_get_their_modes_whatever_was_there(tmp_path):
     assert decoy.read_bytes() == b"not a key" and not (out / "ca.key").is_symlink()
 
 
-def _bench(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("mode", ["model", "update"])
-def test_one_poisoned_client_per_round_crashes_nothing_and_median_holds(tmp_path, cifar10, mode):
+def test_one_poisoned_client_per_round_crashes_nothing_and_median_holds(tmp_path, cifar10, mode, bench_module):
     """bench/poisoning.py's attacker at a tiny scale: 1e30-scaled updates, one per round. FedAvg runs on
     (poisoned: the model is garbage, the clients' next replies fail and are rejected, every round completes);
     the median keeps the clean accuracy."""
-    bench = _bench("poisoning")
+    bench = bench_module("poisoning")
     runs = {name: (cfg, attack) for name, cfg, attack in bench.configs(tmp_path, rounds=3, images=60, test_images=200)
             if name.startswith(mode) and (attack in (None, "scale"))}
     results = {name: bench.one_run(cfg, attack) for name, (cfg, attack) in runs.items()}

@@ -3,24 +3,11 @@ layout update mode can build (a bound that some coder beats would be no bound)."
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-from training.updates import compress_update
 
-
-def _levers():
-    path = Path(__file__).resolve().parent.parent / "bench" / "update_levers.py"
-    spec = importlib.util.spec_from_file_location("bench_update_levers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_curve_of_a_gaussian_is_shannons():
-    levers = _levers()
+def test_the_curve_of_a_gaussian_is_shannons(bench_module):
+    levers = bench_module("update_levers")
     gauss = np.random.default_rng(0).standard_normal(100_000)
     curve = levers.rate_distortion_curve(gauss, slopes=np.geomspace(0.5, 500, 12))
     inside = curve[(curve[:, 0] > 0.3) & (curve[:, 0] < 4)]
@@ -29,8 +16,8 @@ def test_the_curve_of_a_gaussian_is_shannons():
     assert curve[0, 0] == 0 and abs(curve[0, 1] - 1) < 0.02  # nothing sent: the variance
 
 
-def test_no_update_layout_beats_the_bound_on_a_heavy_tailed_change():
-    levers = _levers()
+def test_no_update_layout_beats_the_bound_on_a_heavy_tailed_change(bench_module):
+    levers = bench_module("update_levers")
     g = np.random.default_rng(1)
     change = {
         "conv.weight": (g.standard_t(3, (48, 16, 3, 3)) * g.uniform(0.2, 2, (48, 1, 1, 1))).astype(np.float32) * 1e-3,
@@ -47,10 +34,10 @@ def test_no_update_layout_beats_the_bound_on_a_heavy_tailed_change():
     assert at == sorted(at, reverse=True) and at[-1] < 0.99  # more compression, less fidelity
 
 
-def test_the_bits_go_where_reverse_water_filling_puts_them():
+def test_the_bits_go_where_reverse_water_filling_puts_them(bench_module):
     """Gaussian channels of different scales: the bound's trade-off between size and error is the
     closed form (each channel gets error min(theta, variance), rate max(0, log2(sd^2 / theta) / 2))."""
-    levers = _levers()
+    levers = bench_module("update_levers")
     g = np.random.default_rng(2)
     sd = {"a.weight": np.geomspace(0.1, 3, 24), "b.weight": np.geomspace(0.05, 1, 16)}
     change = {name: (g.standard_normal((s.size, 2000)) * s[:, None]).astype(np.float32) for name, s in sd.items()}
