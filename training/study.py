@@ -528,7 +528,8 @@ def plot_families(runs: list[StudyRun], path: Path, caption: str) -> Path:
         ax.scatter([x], [y], marker="*", s=120, color="k", zorder=5, label=text)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="best")  # the curves fill different corners per family
+        # the curves fill different corners per family; two columns keep a long legend off them
+        ax.legend(fontsize=6.5, loc="best", ncol=2 if len(members) > 5 else 1)
     for ax in list(axes.flat)[len(groups):]:
         ax.axis("off")
     for ax in axes[-1]:
