@@ -227,3 +227,14 @@ def test_the_uncompressed_size_comes_from_the_reference_run_even_without_checkpo
     assert without is not None and without == uncompressed_mib([load_run(bare)])
     # the initial model's zero biases travel sparse: ~4 KB smaller
     assert without == pytest.approx(with_checkpoint, rel=2e-3) and abs(with_checkpoint - 2.976) < 0.01
+
+
+def test_a_reference_that_is_not_fp32_is_refused_by_name(study_runs):
+    import dataclasses
+
+    from training.study import uncompressed_mib
+
+    tmp, dirs = study_runs
+    q4 = load_run(next(d for d in dirs if d.name.endswith("q4bit")))
+    with pytest.raises(ValueError, match="'fp32_zstd'.*must be an fp32 run"):
+        uncompressed_mib([dataclasses.replace(q4, row="fp32_zstd")])

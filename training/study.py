@@ -164,7 +164,12 @@ def uncompressed_mib(runs: list[StudyRun]) -> float:
     for r in runs:
         if r.row == "baseline":
             return r.mib_up
-    return uncompressed_mib_of(reference(runs))
+    ref = reference(runs)
+    size = uncompressed_mib_of(ref)
+    if size is None:
+        raise ValueError(f"the reference row {ref.row!r} ({ref.path}) must be an fp32 run (no quantization, "
+                         "pruning or update mode) to give the uncompressed size")
+    return size
 
 
 def scale_text(run: StudyRun) -> str:
