@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from fedfinn.measure import interleaved, machine_load, ratio_text, ratios, timed_command, write_json
+from training.data import BUNDLED_PACK
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = ("fp32", "q8", "q4", "prune90")  # the runs/quick_<row> folders make quick leaves
@@ -47,7 +48,7 @@ def data_folder() -> str:
     """Where the bundled pack lies for this checkout (a worktree elsewhere has no ../shared beside it)."""
     if os.environ.get("FEDFINN_DATA"):
         return os.environ["FEDFINN_DATA"]
-    folder = REPO.parent / "shared" / "data"
+    folder = BUNDLED_PACK.parent
     if not folder.is_dir():
         raise SystemExit(f"no bundled data at {folder}: set FEDFINN_DATA")
     return str(folder)
